@@ -1,0 +1,127 @@
+"""Running RecBole 1.2.1 on today's stack: the pins we chose, and the one shim we need.
+
+RecBole 1.2.1 (2023) predates numpy 2, pandas 3 and torch >= 2.6. Each break, and our answer:
+
+==================================================  ==================================  =====================
+break                                               where RecBole hits it               answer
+==================================================  ==================================  =====================
+numpy 2 removed ``np.float_``, ``np.complex_``,     ``Config.compatibility_settings``   pin ``numpy<2``
+``np.unicode_``, ``np.bool8``
+pandas 3 (copy-on-write) makes                      ``Dataset._fill_nan``,              pin ``pandas<3``
+``df[col].fillna(inplace=True)`` a silent no-op     token-sequence splitting
+and changes ``Series.agg(len)``
+ray 2.6.3 (RecBole's pin) imports ``pkg_resources``  ``recbole.quick_start`` imports     pin ``setuptools<81``
+which setuptools 81 removed                         ``ray.tune``
+torch >= 2.6 loads with ``weights_only=True`` and   ``Trainer.evaluate(                 ``TrustedCheckpoint
+refuses RecBole's checkpoints (they pickle the      load_best_model=True)``             Mixin`` below
+``Config``)
+pandas' CSV reader takes a field that starts with   ``Dataset._load_feat`` reads atomic  ``AtomicFilePandas``
+``"`` as quoted, so the title ``"C" Size Battery``  files with ``pd.read_csv``          below
+is mangled or the whole file is rejected
+==================================================  ==================================  =====================
+
+Pins rather than shims where a pin works: a pin runs RecBole's code as its authors tested it, while
+patching numpy or pandas would change them for every other library in the process. The checkpoint
+shim does not switch ``weights_only`` off: it unpickles only a file whose bytes this run wrote, and
+anything else still goes through torch's safe loader. The atomic-file shim changes only the ``pd`` that
+RecBole's dataset module sees, and only its ``read_csv``: atomic files are plain tab-separated text
+with no quoting convention. Tests: ``tests/test_compat.py``, one per row.
+"""
+
+import csv
+import os
+import pickle
+from functools import cache
+
+import numpy
+import pandas
+import recbole.data.dataset.dataset
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import sha256_file
+
+PINS = {"numpy": (numpy.__version__, 2), "pandas": (pandas.__version__, 3)}
+
+
+class AtomicFilePandas:
+    """pandas as RecBole's dataset module sees it, with ``read_csv`` that does no quote processing."""
+
+    def __getattr__(self, name):
+        return getattr(pandas, name)
+
+    @staticmethod
+    def read_csv(*args, **kwargs):
+        return pandas.read_csv(*args, quoting=csv.QUOTE_NONE, **kwargs)
+
+
+def read_atomic_files_verbatim() -> None:
+    """Point RecBole's dataset module at ``AtomicFilePandas`` (``LayerSelConfig`` calls this)."""
+    recbole.data.dataset.dataset.pd = AtomicFilePandas()
+
+
+def check_pins() -> None:
+    """Fail early, with the fix, when the environment has a numpy or pandas RecBole cannot run on."""
+    for name, (version, first_bad_major) in PINS.items():
+        if int(version.split(".")[0]) >= first_bad_major:
+            raise LayerSelError(
+                f"{name} {version} is installed, but RecBole 1.2.1 breaks on {name} >= "
+                f"{first_bad_major} (see recbole_layersel/compat.py). Fix: "
+                f'pip install "{name}<{first_bad_major}"'
+            )
+
+
+def load_checkpoint(path: str, trusted_sha256: dict[str, str], device) -> dict:
+    """Load a RecBole checkpoint: unpickled only if this run wrote exactly these bytes."""
+    path = os.path.abspath(path)
+    if path in trusted_sha256 and trusted_sha256[path] == sha256_file(path):
+        return torch.load(path, map_location=device, weights_only=False)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise LayerSelError(
+            f"refusing to unpickle checkpoint {path}: this run did not write it (or it changed "
+            "since), and it holds more than tensors, so loading it could run arbitrary code. "
+            "Fix: retrain, or, for a file you trust, load it yourself with "
+            f"torch.load(path, weights_only=False). Torch said: {str(error).splitlines()[0]}"
+        ) from None
+
+
+class TrustedCheckpointMixin:
+    """Writes checkpoints atomically and remembers their sha256, so that RecBole's
+    ``evaluate(load_best_model=True)`` can reload the best one on torch >= 2.6."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.written_checkpoints: dict[str, str] = {}
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        path = os.path.abspath(kwargs.pop("saved_model_file", self.saved_model_file))
+        partial = f"{path}.partial"
+        super()._save_checkpoint(epoch, verbose=False, saved_model_file=partial, **kwargs)
+        if not os.path.exists(partial):  # RecBole writes only on rank 0
+            return
+        os.replace(partial, path)
+        self.written_checkpoints[path] = sha256_file(path)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {path}")
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if eval_data and load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            checkpoint = load_checkpoint(checkpoint_file, self.written_checkpoints, self.device)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+@cache
+def with_trusted_checkpoints(trainer_class: type) -> type:
+    """``trainer_class`` with ``TrustedCheckpointMixin``; RecBole trainers outside the ``Trainer``
+    family (decision trees) save differently and are returned unchanged."""
+    if not issubclass(trainer_class, Trainer):
+        return trainer_class
+    return type(trainer_class.__name__, (TrustedCheckpointMixin, trainer_class), {})

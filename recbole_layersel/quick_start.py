@@ -1,0 +1,117 @@
+"""``run`` / ``run_recbole``: RecBole's quick start, with plugin models, plugin yaml defaults, input
+checks that fail before anything is written, and checkpoints that reload on torch >= 2.6."""
+
+import sys
+from logging import getLogger
+from pathlib import Path
+
+import torch.distributed as dist
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_environment, init_logger, init_seed, set_color
+
+from recbole_layersel.compat import check_pins, with_trusted_checkpoints
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.registry import LayerSelConfig, get_trainer_class
+
+
+def check_dataset_files(data_path: str, dataset: str, title_field: str | None = None) -> None:
+    """Fail with the fix when the atomic files are missing, or lack the title field a model needs."""
+    folder = Path(data_path)
+    inter_file = folder / f"{dataset}.inter"
+    if not inter_file.is_file():
+        raise LayerSelError(
+            f"dataset {dataset!r} not found: no {inter_file}. Put RecBole atomic files "
+            f"({dataset}.inter, {dataset}.item) in that folder, or point data_path at the folder "
+            f"that holds {dataset}/, e.g. --data_path=/path/to/data (the repo's CI uses ../shared/data)."
+        )
+    if title_field is None:
+        return
+    item_file = folder / f"{dataset}.item"
+    if not item_file.is_file():
+        raise LayerSelError(
+            f"dataset {dataset!r} has no item file {item_file}, but the model needs item titles "
+            f"(title_field={title_field!r}). Provide {dataset}.item with a title column."
+        )
+    with open(item_file, encoding="utf-8") as file:
+        fields = [column.split(":")[0] for column in file.readline().rstrip("\n").split("\t")]
+    if title_field not in fields:
+        raise LayerSelError(
+            f"dataset {dataset!r}: title_field={title_field!r} is not a column of {item_file} "
+            f"(columns: {', '.join(fields)}). Set title_field to the column that holds item titles."
+        )
+
+
+def check_config(config) -> None:
+    """Input checks that need only the config; run before the logger writes anything."""
+    title_field = config["title_field"] if getattr(config.model_class, "needs_titles", False) else None
+    check_dataset_files(config["data_path"], config["dataset"], title_field)
+    if title_field is not None:
+        item_columns = (config["load_col"] or {}).get("item", [])
+        if title_field not in item_columns:
+            raise LayerSelError(
+                f"title_field={title_field!r} is not loaded: load_col.item is {item_columns}. "
+                f"Add it, e.g. load_col: {{item: [item_id, {title_field}]}}."
+            )
+
+
+def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
+    """Train and test one model on one dataset, as ``recbole.quick_start.run_recbole`` does."""
+    check_pins()
+    config = LayerSelConfig(model, dataset, config_file_list, config_dict)
+    check_config(config)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = config.model_class(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+
+    trainer = with_trusted_checkpoints(get_trainer_class(config))(config, model)
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    result = {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "saved_model_file": trainer.saved_model_file if saved else None,
+    }
+    if not config["single_spec"]:
+        dist.destroy_process_group()
+    if config["local_rank"] == 0 and queue is not None:
+        queue.put(result)
+    return result
+
+
+def _run_rank(rank, model, dataset, config_file_list, kwargs):
+    kwargs["config_dict"]["local_rank"] = rank
+    run_recbole(model, dataset, config_file_list, **kwargs)
+
+
+def run(model, dataset, config_file_list=None, config_dict=None, saved=True, nproc=1,
+        world_size=-1, ip="localhost", port="5678", group_offset=0):
+    """One process, or ``nproc`` processes under RecBole's own DDP setup (``mp.spawn``)."""
+    if nproc == 1 and world_size <= 0:
+        return run_recbole(model, dataset, config_file_list, config_dict, saved)
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    config_dict = dict(config_dict or {})
+    config_dict.update({"world_size": world_size if world_size > 0 else nproc, "ip": ip,
+                        "port": port, "nproc": nproc, "offset": group_offset})
+    kwargs = {"config_dict": config_dict, "saved": saved, "queue": queue}
+    mp.spawn(_run_rank, args=(model, dataset, config_file_list, kwargs), nprocs=nproc, join=True)
+    return None if queue.empty() else queue.get()

@@ -1,0 +1,115 @@
+"""RecBole glue: resolve a model name (plugin models first, then RecBole's own) and build a RecBole
+``Config`` that also reads the plugin's yaml defaults.
+
+Config priority, lowest first. It is RecBole's own order, with the two plugin layers slotted in right
+after RecBole's internal defaults::
+
+    RecBole's overall / model / dataset / quick-start yamls
+    < properties/<Model>.yaml            (plugin model defaults)
+    < dataset_configs/<dataset>.yaml     (loaded automatically when present)
+    < config files < config_dict < command line  (RecBole's usual order)
+"""
+
+import importlib
+import re
+from pathlib import Path
+
+import recbole.model
+from recbole.config import Config
+from recbole.utils import get_model as recbole_get_model
+from recbole.utils import get_trainer as recbole_get_trainer
+
+from recbole_layersel.compat import read_atomic_files_verbatim
+from recbole_layersel.errors import LayerSelError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROPERTIES_DIR = REPO_ROOT / "properties"
+DATASET_CONFIGS_DIR = REPO_ROOT / "dataset_configs"
+
+# Plugin model name -> "module:class". Imported lazily, so that running a RecBole baseline never
+# imports transformers.
+PLUGIN_MODELS: dict[str, str] = {}
+
+_RECBOLE_MODEL_PACKAGES = (
+    "general_recommender",
+    "context_aware_recommender",
+    "sequential_recommender",
+    "knowledge_aware_recommender",
+    "exlib_recommender",
+)
+
+
+def recbole_model_names() -> list[str]:
+    """RecBole's own model class names, read from its source files (importing them all is slow)."""
+    names = []
+    root = Path(recbole.model.__file__).parent
+    for package in _RECBOLE_MODEL_PACKAGES:
+        for file in sorted((root / package).glob("*.py")):
+            for name in re.findall(r"^class (\w+)\(", file.read_text(encoding="utf-8"), re.M):
+                if name.lower() == file.stem:
+                    names.append(name)
+    return names
+
+
+def get_model_class(name: str) -> type:
+    """The model class for ``name``: a plugin model if one has that name, else RecBole's own."""
+    if name in PLUGIN_MODELS:
+        module, attr = PLUGIN_MODELS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    try:
+        return recbole_get_model(name)
+    except (ValueError, AttributeError):
+        raise LayerSelError(
+            f"unknown model {name!r}. Plugin models: {', '.join(PLUGIN_MODELS) or '(none)'}. "
+            f"RecBole models: {', '.join(recbole_model_names())}. Names are case-sensitive, "
+            "e.g. --model=SASRec."
+        ) from None
+
+
+def get_trainer_class(config: Config) -> type:
+    """The trainer a model asks for (a plugin model may name its own), else RecBole's choice."""
+    model_class = get_model_class(config["model"])
+    return getattr(model_class, "trainer_class", None) or recbole_get_trainer(
+        config["MODEL_TYPE"], config["model"]
+    )
+
+
+class LayerSelConfig(Config):
+    """RecBole's ``Config`` that knows the plugin's models and reads the plugin's yaml defaults."""
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
+        read_atomic_files_verbatim()
+        super().__init__(model, dataset, config_file_list, config_dict)
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+        if model is None:
+            raise LayerSelError("no model given: pass --model=NAME (e.g. --model=SASRec).")
+        if isinstance(model, str):
+            model = get_model_class(model)
+        return super()._get_model_and_dataset(model, dataset)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        model_file = PROPERTIES_DIR / f"{model}.yaml"
+        if model_file.is_file():
+            self._update_internal_config_dict(model_file)
+        dataset_file = DATASET_CONFIGS_DIR / f"{dataset}.yaml"
+        if dataset_file.is_file():
+            dataset_keys = self._update_internal_config_dict(dataset_file) or {}
+            # As RecBole does for its own dataset yamls: these keys describe the dataset.
+            self.parameters["Dataset"] += [
+                key for key in dataset_keys if key not in self.parameters["Dataset"]
+            ]
+
+    def _set_default_parameters(self):
+        # RecBole 1.2.1 rejects loss_type CE next to its own default negative sampling
+        # (overall.yaml), so every CE model (SASRec, GRU4Rec, ...) would need
+        # `train_neg_sample_args: ~` spelled out. Imply it unless the user set it.
+        if (
+            self.final_config_dict.get("loss_type") == "CE"
+            and "train_neg_sample_args" not in self.external_config_dict
+        ):
+            self.final_config_dict["train_neg_sample_args"] = None
+        super()._set_default_parameters()

@@ -1,0 +1,95 @@
+"""run_recbole.py end to end: RecBole baselines train and reload their best checkpoint, datasets load
+with titles, and every bad input stops with one clear message before anything is written."""
+
+import subprocess
+import sys
+
+import pytest
+from recbole.data import create_dataset
+from recbole.model.sequential_recommender.sasrec import SASRec
+
+from recbole_layersel import registry
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.quick_start import check_dataset_files, run_recbole
+from recbole_layersel.registry import LayerSelConfig
+from tests.conftest import REPO_ROOT, SHARED_DATA, write_atomic_dataset
+
+SMALL_SASREC = ["--hidden_size=16", "--inner_size=32", "--n_heads=1", "--n_layers=1"]
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "run_recbole.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("model", ["BPR", "SASRec"])
+def test_recbole_baselines_train_and_reload_their_best_checkpoint(model, tmp_path):
+    extra = SMALL_SASREC if model == "SASRec" else []
+    result = cli(f"--model={model}", "--dataset=ml-100k", "--epochs=1", "--show_progress=False", *extra,
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = next((tmp_path / "log" / model).glob("*.log")).read_text()
+    assert "Loading model structure and parameters from" in log
+    assert "test result" in log and "'ndcg@10'" in log and "'hit@5'" in log
+    assert len(list((tmp_path / "saved").glob(f"{model}-*.pth"))) == 1
+
+
+@pytest.mark.parametrize("dataset", ["amazon-electronics", "amazon-electronics-2018", "ml-1m", "ml-100k"])
+def test_each_dataset_loads_with_titles(dataset, argv, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # dataset_configs give data_path relative to the repo root
+    if dataset != "ml-100k" and not (SHARED_DATA / dataset).is_dir():
+        pytest.fail(f"{SHARED_DATA / dataset} is missing: the suite reads the shared datasets from there")
+    config = LayerSelConfig("SASRec", dataset)
+    loaded = create_dataset(config)
+    title_field = config["title_field"]
+    titles = loaded.item_feat[title_field]
+    with_title = sum(len(title) > 0 for title in titles)
+    assert with_title >= 0.99 * (loaded.item_num - 1)
+    first = loaded.item_feat.iloc[1]
+    words = " ".join(loaded.id2token(title_field, first[title_field]))
+    assert len(words) > 2
+
+
+def test_unknown_model_fails_before_writing(tmp_path):
+    result = cli("--model=SASrec", "--dataset=ml-100k", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown model 'SASrec'" in result.stderr and "SASRec" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path):
+    result = cli("--model=BPR", "--dataset=amazon-electronics", cwd=tmp_path)
+    assert result.returncode == 2
+    expected = tmp_path / ".." / "shared" / "data" / "amazon-electronics" / "amazon-electronics.inter"
+    assert f"no {expected.parent.parent.parent.name}" not in result.stderr  # the path is printed whole
+    assert "amazon-electronics.inter" in result.stderr and "--data_path=" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+class TitledSASRec(SASRec):
+    needs_titles = True
+
+
+def test_dataset_without_title_field_fails_before_writing(tmp_path, argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_atomic_dataset(tmp_path / "data", "notitle", item_header="item_id:token\tprice:float",
+                         item_row=lambda i: f"{i}\t1.0")
+    monkeypatch.setattr(registry, "PLUGIN_MODELS", {"TitledSASRec": f"{__name__}:TitledSASRec"})
+    settings = {"data_path": str(tmp_path / "data"), "title_field": "title", "loss_type": "CE",
+                "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}}
+    with pytest.raises(LayerSelError, match=r"title_field='title' is not a column of .*notitle.item "
+                                            r"\(columns: item_id, price\)"):
+        run_recbole("TitledSASRec", "notitle", config_dict=settings)
+    settings["title_field"] = "price"
+    with pytest.raises(LayerSelError, match=r"title_field='price' is not loaded"):
+        run_recbole("TitledSASRec", "notitle", config_dict=settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_check_dataset_files_names_the_missing_item_file(tmp_path):
+    folder = write_atomic_dataset(tmp_path, "noitem")
+    (folder / "noitem.item").unlink()
+    check_dataset_files(str(folder), "noitem")
+    with pytest.raises(LayerSelError, match=r"no item file .*noitem.item"):
+        check_dataset_files(str(folder), "noitem", title_field="title")
