@@ -20,7 +20,7 @@ from numbers import Integral
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import (
     create_bidirectional_mask,
     create_causal_mask,
@@ -71,19 +71,18 @@ def validate_selection(selected_layers, num_layers: int) -> list[int]:
 
 
 def bridge_kind_for_gap(gap: int, mlp: bool = False) -> str:
-    """Bridge kind between kept layers whose original indices differ by `gap` (`gap - 1` skipped layers).
+    """Bridge kind between kept layers whose original indices differ by `gap` (1 = adjacent).
 
-    Nothing skipped needs no bridge; up to three skipped layers get a linear map, longer gaps a residual
+    Adjacent layers need no bridge; a gap of up to 3 gets a linear map, a longer gap a residual
     correction, and `mlp=True` asks for a non-linear (bottleneck MLP) correction wherever layers were skipped.
     """
     if gap < 1:
         raise LayerSelError(f"gap must be >= 1 (next kept index minus previous kept index), got {gap}.")
-    skipped = gap - 1
-    if skipped == 0:
+    if gap == 1:
         return "identity"
     if mlp:
         return "mlp"
-    return "linear" if skipped <= 3 else "residual"
+    return "linear" if gap <= 3 else "residual"
 
 
 class Bridge(nn.Module):
@@ -145,7 +144,13 @@ class CompactBackbone(nn.Module):
     deep-copy it first if it is still needed, e.g. as a distillation teacher.
     """
 
-    def __init__(self, base_model: PreTrainedModel, selected_layers: list[int], mlp_bridges: bool = False):
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        selected_layers: list[int],
+        mlp_bridges: bool = False,
+        num_source_layers: int | None = None,
+    ):
         super().__init__()
         model_type = base_model.config.model_type
         if model_type not in SUPPORTED_FAMILIES:
@@ -162,15 +167,17 @@ class CompactBackbone(nn.Module):
             )
 
         source_layers = base.get_submodule(_LAYER_STACK.get(self.family, "layers"))
-        self.num_source_layers = len(source_layers)
+        self.num_source_layers = num_source_layers or len(source_layers)
         self.selected_layers = validate_selection(selected_layers, self.num_source_layers)
-        self.layers = nn.ModuleList(source_layers[i] for i in self.selected_layers)
+        # A model built from a compact config (see `from_compact_config`) already holds just the kept layers.
+        positions = self.selected_layers if num_source_layers is None else range(len(self.selected_layers))
+        self.layers = nn.ModuleList(source_layers[i] for i in positions)
 
         self.config = copy.deepcopy(base.config)
         self.config.num_hidden_layers = len(self.layers)
         if getattr(self.config, "layer_types", None) is not None:
             # Sliding-window layers stay sliding-window layers: each kept layer keeps its own type.
-            self.config.layer_types = [self.config.layer_types[i] for i in self.selected_layers]
+            self.config.layer_types = [self.config.layer_types[i] for i in positions]
         self.layer_types = getattr(self.config, "layer_types", None) or ["full_attention"] * len(self.layers)
 
         if self.family in _ROTARY_FAMILIES:
@@ -199,6 +206,14 @@ class CompactBackbone(nn.Module):
         for module in self.modules():
             if getattr(module, "config", None) is base.config:
                 module.config = self.config
+
+    @classmethod
+    def from_compact_config(
+        cls, config: PretrainedConfig, selected_layers: list[int], num_source_layers: int, mlp_bridges: bool
+    ) -> CompactBackbone:
+        """An untrained backbone shaped like a saved one (its `self.config`), without the source model:
+        load the saved state dict into it."""
+        return cls(AutoModel.from_config(config), selected_layers, mlp_bridges, num_source_layers)
 
     def forward(
         self,

@@ -11,6 +11,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_layersel.compat import check_pins, with_trusted_checkpoints
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.export import export_compact
 from recbole_layersel.registry import LayerSelConfig, get_trainer_class
 
 
@@ -43,6 +44,11 @@ def check_dataset_files(data_path: str, dataset: str, title_field: str | None = 
 
 def check_config(config) -> None:
     """Input checks that need only the config; run before the logger writes anything."""
+    if config["export_dir"] and not hasattr(config.model_class, "needs_titles"):
+        raise LayerSelError(
+            f"export_dir={config['export_dir']!r} is set, but {config['model']} has no compact export; "
+            "only LayerSelLLM exports. Remove export_dir."
+        )
     title_field = config["title_field"] if getattr(config.model_class, "needs_titles", False) else None
     check_dataset_files(config["data_path"], config["dataset"], title_field)
     if title_field is not None:
@@ -72,6 +78,8 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = config.model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
+    if hasattr(model, "before_training"):  # e.g. LayerSelLLM's frozen backbone states
+        model.before_training(train_data, valid_data, test_data)
 
     trainer = with_trusted_checkpoints(get_trainer_class(config))(config, model)
     best_valid_score, best_valid_result = trainer.fit(
@@ -79,6 +87,8 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
 
+    if config["export_dir"]:
+        logger.info(set_color("exported", "yellow") + f": {export_compact(model, config['export_dir'])}")
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")

@@ -28,7 +28,7 @@ DATASET_CONFIGS_DIR = REPO_ROOT / "dataset_configs"
 
 # Plugin model name -> "module:class". Imported lazily, so that running a RecBole baseline never
 # imports transformers.
-PLUGIN_MODELS: dict[str, str] = {}
+PLUGIN_MODELS: dict[str, str] = {"LayerSelLLM": "recbole_layersel.model:LayerSelLLM"}
 
 _RECBOLE_MODEL_PACKAGES = (
     "general_recommender",

@@ -11,19 +11,12 @@ import pytest
 import torch
 from transformers import (
     AutoModel,
-    BertConfig,
     BertForMaskedLM,
-    Gemma3Config,
     Gemma3ForConditionalGeneration,
-    Gemma3TextConfig,
-    GemmaConfig,
-    GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
-    Qwen2Config,
-    Qwen3Config,
 )
 from transformers.masking_utils import (
     create_bidirectional_mask,
@@ -38,68 +31,8 @@ from recbole_layersel.backbone import (
     bridge_kind_for_gap,
     validate_selection,
 )
+from tests.tiny_models import CONFIGS, DECODER, HIDDEN, NUM_LAYERS, SEQ_LEN, SLIDING_WINDOW
 
-HIDDEN = 32
-NUM_LAYERS = 6
-SEQ_LEN = 8
-SLIDING_WINDOW = 3  # shorter than SEQ_LEN, so sliding-window layers see less than full-attention ones
-DECODER = dict(
-    hidden_size=HIDDEN,
-    intermediate_size=64,
-    num_hidden_layers=NUM_LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,
-    max_position_embeddings=64,
-)
-GEMMA3_TEXT = dict(
-    DECODER,
-    head_dim=8,
-    sliding_window=SLIDING_WINDOW,
-    layer_types=["sliding_attention", "full_attention"] * (NUM_LAYERS // 2),
-)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**DECODER),
-    # Layers from index 2 on use a sliding window.
-    "qwen2": lambda: Qwen2Config(
-        **DECODER, use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=2
-    ),
-    "qwen3": lambda: Qwen3Config(**DECODER, head_dim=8),
-    "gemma": lambda: GemmaConfig(**DECODER, head_dim=8),
-    "gemma3_text": lambda: Gemma3TextConfig(**GEMMA3_TEXT),
-    "gemma3": lambda: Gemma3Config(
-        text_config=dict(GEMMA3_TEXT, vocab_size=300),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-        ),
-        mm_tokens_per_image=4,
-        boi_token_index=297,
-        eoi_token_index=298,
-        image_token_index=299,
-    ),
-    "gpt2": lambda: GPT2Config(
-        n_embd=HIDDEN,
-        n_layer=NUM_LAYERS,
-        n_head=4,
-        vocab_size=100,
-        n_positions=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    ),
-    "bert": lambda: BertConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=64,
-    ),
-}
 # Row 0 is left-padded, row 1 right-padded, row 2 unpadded.
 PADDING_MASK = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0], [1] * SEQ_LEN])
 
@@ -239,7 +172,7 @@ def test_bridge_rejects_unknown_kind():
 
 @pytest.mark.parametrize(
     "gap, mlp, kind",
-    [(1, False, "identity"), (2, False, "linear"), (4, False, "linear"), (5, False, "residual")]
+    [(1, False, "identity"), (2, False, "linear"), (3, False, "linear"), (4, False, "residual")]
     + [(9, False, "residual"), (1, True, "identity"), (2, True, "mlp"), (7, True, "mlp")],
 )
 def test_bridge_kind_for_gap(gap, mlp, kind):

@@ -1,0 +1,91 @@
+"""Export a trained LayerSelLLM's compact model alone, and load it back without the full LLM or pickles.
+
+    <dir>/model.safetensors   every tensor of the CompactRecommender: kept layers, bridges, heads,
+                              title embeddings (and LoRA adapters, when trained with LoRA)
+    <dir>/layersel.json       source model, selection, backbone config, sizes, LoRA settings, and the
+                              dataset's item ids and titles in the model's internal order
+
+The directory is built beside its destination and renamed into place, so a crash never leaves a
+half-written export where a complete one is expected.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import CONFIG_MAPPING
+
+from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.model import CompactRecommender, add_lora
+
+FORMAT = "recbole_layersel.compact/1"
+WEIGHTS_NAME, META_NAME = "model.safetensors", "layersel.json"
+
+
+def export_compact(model, directory: str | Path) -> Path:
+    """Write ``model`` (a LayerSelLLM) to ``directory`` as safetensors + JSON; returns the directory."""
+    compact, backbone = model.compact, model.compact.backbone
+    meta = {
+        "format": FORMAT,
+        "llm_path": model.llm_path,
+        "family": backbone.family,
+        "selected_layers": backbone.selected_layers,
+        "num_source_layers": backbone.num_source_layers,
+        "bridges": [bridge.kind for bridge in backbone.bridges],
+        "mlp_bridges": any(bridge.kind == "mlp" for bridge in backbone.bridges),
+        "backbone_config": backbone.config.to_dict(),
+        "dtype": str(next(backbone.parameters()).dtype).removeprefix("torch."),
+        "embedding_size": compact.item_id_embedding.embedding_dim,
+        "lora": getattr(model, "lora_settings", None),
+        "item_field": model.ITEM_ID,
+        "item_ids": model.item_tokens,
+        "titles": model.item_title_texts,
+    }
+    directory = Path(directory).resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in compact.state_dict().items()}
+        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": FORMAT})
+        (staging / META_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        if directory.exists():  # replace an older export: move it aside first, delete it last
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+            os.replace(staging, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_compact(directory: str | Path) -> tuple[CompactRecommender, dict]:
+    """The exported CompactRecommender (eval mode) and its metadata; needs neither the LLM nor pickles."""
+    directory = Path(directory)
+    meta_path, weights_path = directory / META_NAME, directory / WEIGHTS_NAME
+    if not (meta_path.is_file() and weights_path.is_file()):
+        raise LayerSelError(
+            f"{directory} is not a compact-model export: it needs {META_NAME} and {WEIGHTS_NAME}. "
+            "Create one with recbole_layersel.export.export_compact(model, directory)."
+        )
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise LayerSelError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT!r}.")
+    config_dict = dict(meta["backbone_config"])
+    config = CONFIG_MAPPING[config_dict.pop("model_type")].from_dict(config_dict)
+    backbone = CompactBackbone.from_compact_config(
+        config, meta["selected_layers"], meta["num_source_layers"], meta["mlp_bridges"])
+    backbone.to(getattr(torch, meta["dtype"]))
+    state = load_file(weights_path)
+    compact = CompactRecommender(
+        backbone, state["title_inputs"], state["title_outputs"], meta["embedding_size"])
+    if meta["lora"]:
+        add_lora(backbone, **meta["lora"])
+    compact.load_state_dict(state, strict=True)
+    return compact.eval(), meta

@@ -1,0 +1,228 @@
+"""
+LayerSelLLM
+################################################
+
+A sequential recommender whose sequence model is a compact transformer made of k selected layers of
+a pretrained LLM (e.g. 8 of SmolLM2's 30), joined by bridge adapters where kept layers are not adjacent.
+
+Items are their titles: each title is encoded once by the full LLM (``titles.py``). A user's history
+enters the backbone as the sequence of its items' title input embeddings; the state at the last
+position, through a small head, is the user vector. An item vector is its pooled title representation
+through a head, plus a learnt item-ID embedding. Scores are dot products over all items; the loss is
+cross-entropy over all items (RecBole's ``CE``).
+
+The backbone's inputs are fixed (title embeddings), so with ``train_mode: frozen`` its outputs are
+computed once per user history and reused by every epoch: causal attention makes the state after
+t items the same whichever longer history it is read from, so one pass per user serves all of that
+user's training prefixes and its validation and test rows. ``train_mode: lora`` trains LoRA adapters
+(peft) on the kept layers and the bridges, re-running the backbone on every batch.
+
+Reference:
+    Xin Men et al. "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect." 2024.
+    Andrey Gromov et al. "The Unreasonable Ineffectiveness of the Deeper Layers." ICLR 2025.
+    Wang-Cheng Kang and Julian McAuley. "Self-Attentive Sequential Recommendation." ICDM 2018.
+"""
+
+import hashlib
+from functools import partial
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from recbole.model.abstract_recommender import SequentialRecommender
+from torch import nn
+from tqdm import tqdm
+
+from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.llm import default_cache_dir, load_llm, resolve_llm
+from recbole_layersel.selection import select_layers
+from recbole_layersel.titles import cached_title_embeddings, encode_titles, item_titles
+
+TRAIN_MODES = ("frozen", "lora")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The attention projections LoRA adapts by default, per family.
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+    "bert": ["query", "key", "value"],
+}
+
+
+class CompactRecommender(nn.Module):
+    """The part of LayerSelLLM that is exported and served: compact backbone, the fixed title
+    embeddings (``title_inputs``, ``title_outputs``, row 0 = padding) and the trainable heads."""
+
+    def __init__(self, backbone: CompactBackbone, title_inputs: torch.Tensor, title_outputs: torch.Tensor,
+                 embedding_size: int):
+        super().__init__()
+        self.backbone = backbone
+        hidden_size = backbone.config.hidden_size
+        dtype = next(backbone.parameters()).dtype
+        self.register_buffer("title_inputs", title_inputs.to(dtype))
+        self.register_buffer("title_outputs", title_outputs.float())
+        self.user_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, embedding_size))
+        self.item_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, embedding_size))
+        self.item_id_embedding = nn.Embedding(title_inputs.shape[0], embedding_size, padding_idx=0)
+        nn.init.normal_(self.item_id_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.item_id_embedding.weight[0] = 0
+
+    def sequence_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        """Backbone output (B, T, H) for right-padded histories, cut to the longest one."""
+        item_seq = item_seq[:, : int(item_seq_len.max())]
+        return self.backbone(self.title_inputs[item_seq], attention_mask=(item_seq != 0).long())
+
+    def last_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        states = self.sequence_states(item_seq, item_seq_len)
+        return states[torch.arange(states.shape[0], device=states.device), item_seq_len - 1]
+
+    def user_vectors(self, last_states: torch.Tensor) -> torch.Tensor:
+        return self.user_head(last_states.float())
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_head(self.title_outputs) + self.item_id_embedding.weight
+
+    def full_sort_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+        return self.user_vectors(self.last_states(item_seq, item_seq_len)) @ self.item_vectors().T
+
+
+def add_lora(backbone: CompactBackbone, r: int, alpha: int, dropout: float, targets=None) -> None:
+    """Inject LoRA adapters into the kept layers; only they and the bridges stay trainable."""
+    targets = targets or LORA_TARGETS[backbone.family]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        fan_in_fan_out=backbone.family == "gpt2")  # GPT-2 stores Conv1D weights transposed
+    inject_adapter_in_model(config, backbone)
+    for name, parameter in backbone.named_parameters():
+        parameter.requires_grad = "lora_" in name or name.startswith("bridges.")
+
+
+def llm_fingerprint(path: Path) -> dict:
+    """What identifies a local model's weights for caches: its path and each file's size and mtime."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return {"path": str(path), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+
+
+class LayerSelLLM(SequentialRecommender):
+    r"""Compact selected-layer LLM as a RecBole sequential recommender (see the module docstring)."""
+
+    needs_titles = True  # quick_start checks the dataset's title field before anything is written
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.train_mode = config["train_mode"]
+        if self.train_mode not in TRAIN_MODES:
+            raise LayerSelError(f"train_mode={self.train_mode!r}; use one of {TRAIN_MODES}.")
+        if config["llm_dtype"] not in DTYPES:
+            raise LayerSelError(f"llm_dtype={config['llm_dtype']!r}; use one of {', '.join(DTYPES)}.")
+        if self.train_mode == "frozen":
+            self._check_histories_fit(dataset)
+
+        cache_dir = Path(config["llm_cache_dir"] or default_cache_dir()).expanduser()
+        llm_path = resolve_llm(config["llm_path"], cache_dir)
+        llm, tokenizer = load_llm(str(llm_path), dtype=DTYPES[config["llm_dtype"]])
+        llm.to(config["device"])
+        titles = item_titles(dataset, config["title_field"])
+        settings = {name: config[name] for name in ("title_max_tokens", "title_pooling", "llm_dtype")}
+        key = {"llm": llm_fingerprint(llm_path), "dataset": config["dataset"], **settings,
+               "titles_sha256": hashlib.sha256("\n".join(titles).encode()).hexdigest()}
+        encoded = cached_title_embeddings(cache_dir, key, partial(
+            encode_titles, llm, tokenizer, titles, max_tokens=config["title_max_tokens"],
+            pooling=config["title_pooling"], batch_size=config["title_batch_size"]))
+
+        self.llm_path = config["llm_path"]
+        self.item_tokens = dataset.field2id_token[self.ITEM_ID].tolist()  # internal id -> dataset item id
+        self.item_title_texts = titles
+        self.selected_layers = select_layers(
+            llm.config.num_hidden_layers, selected_layers=config["selected_layers"],
+            strategy=config["layer_strategy"], num_layers=config["num_layers"], seed=config["seed"])
+        backbone = CompactBackbone(llm, self.selected_layers, mlp_bridges=config["mlp_bridges"])
+        del llm  # the unselected layers, the token embeddings and any head are freed here
+        self.compact = CompactRecommender(backbone, encoded["inputs"], encoded["outputs"],
+                                          config["embedding_size"]).to(config["device"])
+        if self.train_mode == "lora":
+            self.lora_settings = {"r": config["lora_r"], "alpha": config["lora_alpha"],
+                                  "dropout": config["lora_dropout"], "targets": config["lora_target_modules"]}
+            add_lora(backbone, **self.lora_settings)
+        else:
+            backbone.requires_grad_(False)
+        self.state_batch_size = config["state_batch_size"]
+        self.frozen_states: dict[int, torch.Tensor] = {}  # user -> (history length, H) backbone states
+        self.loss_fct = nn.CrossEntropyLoss()
+
+    def _check_histories_fit(self, dataset) -> None:
+        # Training rows hold prefixes up to (history - 3) items; the test row holds (history - 1).
+        longest = int(dataset.inter_feat[self.ITEM_SEQ_LEN].max()) + 2
+        if longest > self.max_seq_length:
+            raise LayerSelError(
+                f"train_mode=frozen needs MAX_ITEM_LIST_LENGTH >= the longest user history, so that every "
+                f"row is a prefix of one pass per user; MAX_ITEM_LIST_LENGTH={self.max_seq_length}, but "
+                f"histories reach at least {longest} items. Set MAX_ITEM_LIST_LENGTH to "
+                f"{max(longest, 2 * self.max_seq_length)} or more, or use train_mode=lora."
+            )
+
+    def before_training(self, *dataloaders) -> None:
+        """Frozen mode: one backbone pass per user over its longest history in any of the loaders."""
+        if self.train_mode != "frozen":
+            return
+        longest: dict[int, tuple[int, torch.Tensor]] = {}
+        for loader in dataloaders:
+            rows = loader._dataset.inter_feat
+            for user, length, seq in zip(rows[self.USER_ID].tolist(), rows[self.ITEM_SEQ_LEN].tolist(),
+                                         rows[self.ITEM_SEQ], strict=True):
+                if length > longest.get(user, (0, None))[0]:
+                    longest[user] = (length, seq)
+        users = list(longest)
+        lengths = torch.tensor([longest[u][0] for u in users])
+        self._compute_frozen_states(users, torch.stack([longest[u][1] for u in users]), lengths)
+
+    @torch.no_grad()
+    def _compute_frozen_states(self, users: list[int], item_seq: torch.Tensor, item_seq_len: torch.Tensor):
+        was_training = self.compact.training
+        self.compact.eval()
+        order = torch.argsort(item_seq_len, descending=True).tolist()  # similar lengths share a batch
+        batches = [order[i:i + self.state_batch_size] for i in range(0, len(order), self.state_batch_size)]
+        for batch in tqdm(batches, desc="frozen backbone states", unit="batch", disable=len(batches) < 4):
+            states = self.compact.sequence_states(item_seq[batch].to(self.device),
+                                                  item_seq_len[batch].to(self.device))
+            for row, index in enumerate(batch):
+                self.frozen_states[users[index]] = states[row, : int(item_seq_len[index])].clone()
+        self.compact.train(was_training)
+
+    def last_states(self, interaction) -> torch.Tensor:
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        if self.train_mode == "lora":
+            return self.compact.last_states(item_seq, item_seq_len)
+        users, lengths = interaction[self.USER_ID].tolist(), item_seq_len.tolist()
+        missing = [i for i, (u, n) in enumerate(zip(users, lengths, strict=True))
+                   if len(self.frozen_states.get(u, ())) < n]
+        if missing:
+            self._compute_frozen_states([users[i] for i in missing], item_seq[missing], item_seq_len[missing])
+        return torch.stack([self.frozen_states[u][n - 1] for u, n in zip(users, lengths, strict=True)])
+
+    def forward(self, interaction) -> torch.Tensor:
+        """User vectors (B, embedding_size)."""
+        return self.compact.user_vectors(self.last_states(interaction))
+
+    def calculate_loss(self, interaction):
+        logits = self.forward(interaction) @ self.compact.item_vectors().T
+        loss = self.loss_fct(logits, interaction[self.POS_ITEM_ID])
+        if not torch.isfinite(loss):
+            users = interaction[self.USER_ID][:10].tolist()
+            raise LayerSelError(
+                f"training loss is {loss.item()} on a batch of {len(logits)} rows (first users {users}); "
+                "stopped. The last good checkpoint, if any epoch finished, is in checkpoint_dir. "
+                "Lower learning_rate or use llm_dtype=float32."
+            )
+        return loss
+
+    def predict(self, interaction):
+        item_vectors = self.compact.item_vectors()[interaction[self.ITEM_ID]]
+        return (self.forward(interaction) * item_vectors).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        return self.forward(interaction) @ self.compact.item_vectors().T

@@ -1,0 +1,85 @@
+"""Item titles -> text embeddings, computed once by the full LLM and cached on disk.
+
+Two vectors per item, both of the LLM's hidden size:
+- ``inputs``: the mean of the title's input token embeddings. It lives where a transformer's first layer
+  expects its inputs, so a user's history becomes a sequence of ``inputs_embeds`` for the backbone.
+- ``outputs``: the LLM's last hidden states pooled over the title (``mean`` or ``last`` token), the
+  item's text representation on the scoring side.
+Row 0 is RecBole's padding item and stays zero.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from recbole_layersel.errors import LayerSelError
+
+logger = logging.getLogger(__name__)
+POOLINGS = ("mean", "last")
+
+
+def item_titles(dataset, title_field: str) -> list[str]:
+    """Each item's title as text, indexed by RecBole's internal item id (index 0 is padding)."""
+    words = dataset.field2id_token[title_field]
+    titles = [" ".join(words[t] for t in row.tolist() if t != 0) for row in dataset.item_feat[title_field]]
+    missing = [dataset.id2token(dataset.iid_field, i) for i, title in enumerate(titles) if i and not title]
+    if missing:
+        raise LayerSelError(
+            f"{len(missing)} of {len(titles) - 1} items have no title in field {title_field!r} "
+            f"(item ids {', '.join(map(str, missing[:10]))}{', ...' if len(missing) > 10 else ''}). "
+            "Every item needs a title: fill them in the .item file, or drop those items."
+        )
+    return titles
+
+
+@torch.no_grad()
+def encode_titles(llm, tokenizer, titles: list[str], *, max_tokens: int, pooling: str,
+                  batch_size: int) -> dict[str, torch.Tensor]:
+    """``{"inputs": (n, H), "outputs": (n, H)}`` for ``titles`` (see the module docstring)."""
+    if pooling not in POOLINGS:
+        raise LayerSelError(f"title_pooling={pooling!r} is not supported; use one of {POOLINGS}.")
+    if tokenizer.pad_token is None:  # GPT-2 style tokenizers have no pad token; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    embed_tokens = llm.get_input_embeddings()
+    device = embed_tokens.weight.device
+    inputs, outputs = [], []
+    for start in tqdm(range(0, len(titles), batch_size), desc="encode titles", unit="batch"):
+        batch = tokenizer(titles[start:start + batch_size], padding=True, truncation=True,
+                          max_length=max_tokens, return_tensors="pt").to(device)
+        mask = batch["attention_mask"].unsqueeze(-1).to(embed_tokens.weight.dtype)
+        counts = mask.sum(1).clamp(min=1)
+        inputs.append((embed_tokens(batch["input_ids"]) * mask).sum(1) / counts)
+        hidden = llm(**batch).last_hidden_state
+        if pooling == "mean":
+            outputs.append((hidden * mask).sum(1) / counts)
+        else:
+            last = (batch["attention_mask"].sum(1) - 1).clamp(min=0)
+            outputs.append(hidden[torch.arange(hidden.shape[0], device=device), last])
+    encoded = {"inputs": torch.cat(inputs).float().cpu(), "outputs": torch.cat(outputs).float().cpu()}
+    for name in encoded:  # RecBole's padding item 0 has no title
+        encoded[name][0] = 0
+    return encoded
+
+
+def cached_title_embeddings(cache_dir: Path, key: dict, compute) -> dict[str, torch.Tensor]:
+    """``compute()``'s result, stored under ``cache_dir`` by a hash of ``key`` and reused while the key
+    (model, dataset, titles, settings) is unchanged. Written to a temp file, then renamed."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / "title_embeddings" / f"{digest}.safetensors"
+    if path.is_file():
+        logger.info("Reusing title embeddings from %s", path)
+        return load_file(path)
+    encoded = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(encoded, partial, metadata={"key": json.dumps(key, sort_keys=True)})
+    os.replace(partial, path)
+    logger.info("Cached title embeddings at %s", path)
+    return encoded

@@ -1,0 +1,212 @@
+"""LayerSelLLM on tiny random models of every family, on a tiny dataset the tests write themselves."""
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+from transformers import AutoModel, BertTokenizer, MistralConfig
+
+from recbole_layersel import model as model_module
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.export import export_compact, load_compact
+from recbole_layersel.model import LayerSelLLM
+from recbole_layersel.registry import LayerSelConfig
+from tests.conftest import write_atomic_dataset
+from tests.tiny_models import CONFIGS, DECODER, NUM_LAYERS
+
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "gemma3_text", "gpt2", "bert"]
+ITEM_COLUMNS = {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}
+
+
+def save_tiny_llm(directory, config):
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(directory)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "item", "number", *map(str, range(20))]
+    BertTokenizer(vocab={word: i for i, word in enumerate(words)}).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def build(tmp_path, argv):
+    """build(family, **settings) -> (model, (train, valid, test) loaders)."""
+    write_atomic_dataset(tmp_path / "data", "tiny")
+
+    def build(family="llama", llm_config=None, **settings):
+        llm_dir = tmp_path / f"llm-{family}"
+        if not llm_dir.exists():
+            save_tiny_llm(llm_dir, llm_config or CONFIGS[family]())
+        config = LayerSelConfig("LayerSelLLM", "tiny", config_dict={
+            "data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "saved"),
+            "llm_path": str(llm_dir), "llm_cache_dir": str(tmp_path / "cache"), "load_col": ITEM_COLUMNS,
+            "title_field": "title", "num_layers": 3, "embedding_size": 8, "title_max_tokens": 6,
+            "state_batch_size": 4, "train_batch_size": 16, "eval_batch_size": 16, "show_progress": False,
+            **settings})
+        loaders = data_preparation(config, create_dataset(config))
+        init_seed(config["seed"], config["reproducibility"])
+        return LayerSelLLM(config, loaders[0]._dataset), loaders
+
+    return build
+
+
+def first_eval_batch(loader):
+    return next(iter(loader))[0]
+
+
+def train_steps(model, loader, steps):
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    losses = []
+    model.train()
+    while len(losses) < steps:
+        for interaction in loader:
+            loss = model.calculate_loss(interaction)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if len(losses) == steps:
+                break
+    return losses
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_sort_predict_agrees_with_predict(build, family):
+    model, (_, _, test) = build(family)
+    model.eval()
+    interaction = first_eval_batch(test)
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+        pointwise = model.predict(interaction)
+    assert scores.shape == (len(interaction), model.n_items)
+    expected = scores.gather(1, interaction["item_id"].unsqueeze(1)).squeeze(1)
+    assert torch.allclose(pointwise, expected, atol=1e-5)
+
+
+def test_only_the_selected_layers_are_kept(build):
+    model, _ = build("llama", selected_layers=[0, 2, 5])
+    backbone = model.compact.backbone
+    assert backbone.selected_layers == [0, 2, 5] and len(backbone.layers) == 3
+    assert [bridge.kind for bridge in backbone.bridges] == ["linear", "linear"]
+    assert not any("embed_tokens" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "bert"])
+def test_frozen_and_lora_modes_give_the_same_scores_for_the_same_weights(build, family):
+    frozen, loaders = build(family, train_mode="frozen")
+    frozen.before_training(*loaders)
+    train_steps(frozen, loaders[0], 3)  # heads move away from their initial values
+    lora, _ = build(family, train_mode="lora")
+    # LoRA wraps each adapted projection: its weight moves to `<proj>.base_layer.weight`.
+    frozen_state, lora_state = frozen.state_dict(), lora.state_dict()
+    shared = {name: name.replace(".base_layer", "") for name in lora_state if "lora_" not in name}
+    assert sorted(shared.values()) == sorted(frozen_state)
+    lora.load_state_dict({**lora_state, **{name: frozen_state[src] for name, src in shared.items()}})
+    frozen.eval()
+    lora.eval()
+    interaction = first_eval_batch(loaders[2])
+    with torch.no_grad():
+        assert torch.allclose(frozen.full_sort_predict(interaction), lora.full_sort_predict(interaction),
+                              atol=1e-5)
+
+
+def test_frozen_mode_runs_the_backbone_once_per_user(build):
+    model, loaders = build("llama")
+    calls = []
+    model.compact.backbone.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    model.before_training(*loaders)
+    users = loaders[0]._dataset.inter_feat["user_id"].unique()
+    assert sum(calls) == len(users)
+    train_steps(model, loaders[0], 4)
+    model.eval()
+    with torch.no_grad():
+        model.full_sort_predict(first_eval_batch(loaders[2]))
+    assert sum(calls) == len(users)  # training and evaluation rows reuse the states
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_both_modes_train(build, mode):
+    model, loaders = build("llama", train_mode=mode)
+    model.before_training(*loaders)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in name for name in trainable) == (mode == "lora")
+    assert not any("self_attn.q_proj.base_layer" in name for name in trainable)
+    losses = train_steps(model, loaders[0], 60)
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_export_then_import_reproduces_the_scores_exactly(build, mode, tmp_path):
+    model, loaders = build("qwen3", train_mode=mode, selected_layers=[0, 1, 5])
+    model.before_training(*loaders)
+    train_steps(model, loaders[0], 3)
+    model.eval()
+    export_dir = export_compact(model, tmp_path / "export")
+    loaded, meta = load_compact(export_dir)
+    assert meta["selected_layers"] == [0, 1, 5] and meta["bridges"] == ["identity", "residual"]
+    assert meta["item_ids"][1:] == model.item_tokens[1:] and meta["titles"][1] == model.item_title_texts[1]
+    interaction = first_eval_batch(loaders[2])
+    with torch.no_grad():
+        exported = loaded.full_sort_scores(interaction["item_id_list"], interaction["item_length"])
+        direct = model.compact.full_sort_scores(interaction["item_id_list"], interaction["item_length"])
+        via_recbole = model.full_sort_predict(interaction)
+    assert torch.equal(exported, direct)
+    assert torch.allclose(exported, via_recbole, atol=1e-5)
+    assert sorted(p.name for p in export_dir.iterdir()) == ["layersel.json", "model.safetensors"]
+    assert [p.name for p in export_dir.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_title_embeddings_are_cached_per_settings(build, monkeypatch):
+    build("llama")
+    monkeypatch.setattr(model_module, "encode_titles", lambda *a, **k: pytest.fail("cache not reused"))
+    build("llama", num_layers=2)  # other layers, same titles and settings: reused
+    with pytest.raises(pytest.fail.Exception, match="cache not reused"):
+        build("llama", title_pooling="last")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"selected_layers": [0, NUM_LAYERS]}, r"layer indices \[6\] are out of range; valid indices are 0..5"),
+    ({"selected_layers": [1, 1, 2]}, r"layer indices \[1\] are selected more than once"),
+    ({"selected_layers": []}, "selected_layers is empty"),
+    ({"num_layers": NUM_LAYERS + 1}, r"num_layers=7 must be an integer in 1..6"),
+    ({"layer_strategy": "best"}, "layer_strategy='best' is not a strategy"),
+    ({"train_mode": "full"}, "train_mode='full'"),
+    ({"MAX_ITEM_LIST_LENGTH": 4}, "train_mode=frozen needs MAX_ITEM_LIST_LENGTH >= the longest user history"),
+])
+def test_bad_settings_are_named(build, settings, message):
+    with pytest.raises(LayerSelError, match=message):
+        build("llama", **settings)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(build):
+    with pytest.raises(LayerSelError, match=r"model_type='mistral'.*supports llama, qwen2"):
+        build("mistral", llm_config=MistralConfig(**DECODER))
+
+
+def test_items_without_titles_are_counted(tmp_path, argv):
+    write_atomic_dataset(tmp_path / "data", "holes", item_row=lambda i: f"{i}\t\t1.0" if i in (3, 4)
+                         else f"{i}\titem number {i}\t1.0")
+    llm_dir = save_tiny_llm(tmp_path / "llm", CONFIGS["llama"]())
+    config = LayerSelConfig("LayerSelLLM", "holes", config_dict={
+        "data_path": str(tmp_path / "data"), "llm_path": str(llm_dir), "load_col": ITEM_COLUMNS,
+        "title_field": "title", "llm_cache_dir": str(tmp_path / "cache")})
+    train, _, _ = data_preparation(config, create_dataset(config))
+    message = r"2 of 15 items have no title in field 'title' \(item ids 3, 4\)"
+    with pytest.raises(LayerSelError, match=message):
+        LayerSelLLM(config, train._dataset)
+
+
+def test_nan_loss_stops_with_the_batch_and_keeps_the_last_good_checkpoint(build):
+    from recbole_layersel.compat import with_trusted_checkpoints
+    from recbole_layersel.files import sha256_file
+    from recbole_layersel.registry import get_trainer_class
+
+    model, (train, valid, _) = build("llama", epochs=1)
+    model.before_training(train, valid)
+    config = train.config
+    trainer = with_trusted_checkpoints(get_trainer_class(config))(config, model)
+    trainer.fit(train, valid, saved=True, show_progress=False)
+    checkpoint_sha256 = sha256_file(trainer.saved_model_file)
+    with torch.no_grad():
+        model.compact.user_head[1].weight.fill_(float("nan"))
+    with pytest.raises(LayerSelError, match=r"training loss is nan on a batch of \d+ rows \(first users \["):
+        trainer.fit(train, valid, saved=True, show_progress=False)
+    assert sha256_file(trainer.saved_model_file) == checkpoint_sha256
