@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) run_recbole.py --model=SASRec --dataset=ml-100k
+	$(PY) run_recbole.py --model=LayerSelLLM --dataset=ml-100k
 
 test: setup
 	$(PY) -m ruff check .

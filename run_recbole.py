@@ -16,7 +16,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", "-m", type=str, default="SASRec", help="model name")
+    parser.add_argument("--model", "-m", type=str, default="LayerSelLLM", help="model name")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="dataset name")
     parser.add_argument("--config_files", type=str, default=None, help="space-separated yaml files")
     parser.add_argument("--nproc", type=int, default=1, help="processes for RecBole's DDP")

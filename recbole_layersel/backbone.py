@@ -202,9 +202,10 @@ class CompactBackbone(nn.Module):
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = compact_idx
-        # One config (attention implementation, layer_types) must drive both the masks and the layers.
+        # One config (attention implementation, layer_types) must drive both the masks and the layers,
+        # also when these layers already served an earlier backbone built from the same model.
         for module in self.modules():
-            if getattr(module, "config", None) is base.config:
+            if isinstance(getattr(module, "config", None), PretrainedConfig):
                 module.config = self.config
 
     @classmethod

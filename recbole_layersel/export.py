@@ -41,7 +41,7 @@ def export_compact(model, directory: str | Path) -> Path:
         "backbone_config": backbone.config.to_dict(),
         "dtype": str(next(backbone.parameters()).dtype).removeprefix("torch."),
         "embedding_size": compact.item_id_embedding.embedding_dim,
-        "lora": getattr(model, "lora_settings", None),
+        "lora": model.lora_settings if model.train_mode == "lora" else None,
         "item_field": model.ITEM_ID,
         "item_ids": model.item_tokens,
         "titles": model.item_title_texts,

@@ -24,6 +24,7 @@ Reference:
 """
 
 import hashlib
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -35,10 +36,12 @@ from tqdm import tqdm
 
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.hooks import run_pretraining_hooks
 from recbole_layersel.llm import default_cache_dir, load_llm, resolve_llm
-from recbole_layersel.selection import select_layers
+from recbole_layersel.selection import DATA_FREE_STRATEGIES, check_strategy, select_layers
 from recbole_layersel.titles import cached_title_embeddings, encode_titles, item_titles
 
+logger = logging.getLogger(__name__)
 TRAIN_MODES = ("frozen", "lora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The attention projections LoRA adapts by default, per family.
@@ -134,22 +137,33 @@ class LayerSelLLM(SequentialRecommender):
             encode_titles, llm, tokenizer, titles, max_tokens=config["title_max_tokens"],
             pooling=config["title_pooling"], batch_size=config["title_batch_size"]))
 
-        self.llm_path = config["llm_path"]
+        self.config, self.cache_dir, self.llm_path = config, cache_dir, config["llm_path"]
+        self.llm_fingerprint, self.titles_sha256 = key["llm"], key["titles_sha256"]
         self.item_tokens = dataset.field2id_token[self.ITEM_ID].tolist()  # internal id -> dataset item id
         self.item_title_texts = titles
-        self.selected_layers = select_layers(
-            llm.config.num_hidden_layers, selected_layers=config["selected_layers"],
-            strategy=config["layer_strategy"], num_layers=config["num_layers"], seed=config["seed"])
-        backbone = CompactBackbone(llm, self.selected_layers, mlp_bridges=config["mlp_bridges"])
-        del llm  # the unselected layers, the token embeddings and any head are freed here
+        self.lora_settings = {"r": config["lora_r"], "alpha": config["lora_alpha"],
+                              "dropout": config["lora_dropout"], "targets": config["lora_target_modules"]}
+
+        num_source_layers, explicit = llm.config.num_hidden_layers, config["selected_layers"]
+        if explicit is None:
+            check_strategy(config["layer_strategy"], config["num_layers"], num_source_layers)
+        hooks_needed = config["distill_steps"] or (
+            explicit is None and config["layer_strategy"] not in DATA_FREE_STRATEGIES)
+        if hooks_needed:
+            # Importance, selection and distillation read the full model: keep every layer (and the
+            # source model, outside the module tree) until `before_training` has chosen.
+            backbone = CompactBackbone(llm, list(range(num_source_layers)))
+            self._source_llm = (llm,)
+        else:
+            backbone = CompactBackbone(llm, select_layers(
+                num_source_layers, selected_layers=explicit, strategy=config["layer_strategy"],
+                num_layers=config["num_layers"], seed=config["seed"]), mlp_bridges=config["mlp_bridges"])
+            self._source_llm = ()
+        del llm  # without hooks, the unselected layers, token embeddings and any head are freed here
         self.compact = CompactRecommender(backbone, encoded["inputs"], encoded["outputs"],
                                           config["embedding_size"]).to(config["device"])
-        if self.train_mode == "lora":
-            self.lora_settings = {"r": config["lora_r"], "alpha": config["lora_alpha"],
-                                  "dropout": config["lora_dropout"], "targets": config["lora_target_modules"]}
-            add_lora(backbone, **self.lora_settings)
-        else:
-            backbone.requires_grad_(False)
+        if not hooks_needed:
+            self._prepare_backbone_for_training()
         self.state_batch_size = config["state_batch_size"]
         self.frozen_states: dict[int, torch.Tensor] = {}  # user -> (history length, H) backbone states
         self.loss_fct = nn.CrossEntropyLoss()
@@ -165,10 +179,31 @@ class LayerSelLLM(SequentialRecommender):
                 f"{max(longest, 2 * self.max_seq_length)} or more, or use train_mode=lora."
             )
 
-    def before_training(self, *dataloaders) -> None:
-        """Frozen mode: one backbone pass per user over its longest history in any of the loaders."""
+    @property
+    def selected_layers(self) -> list[int]:
+        return self.compact.backbone.selected_layers
+
+    def _prepare_backbone_for_training(self) -> None:
+        backbone = self.compact.backbone
+        if self.train_mode == "lora":
+            add_lora(backbone, **self.lora_settings)
+        else:
+            backbone.requires_grad_(False)
+
+    def before_training(self, train_data, *eval_data) -> None:
+        """The pre-training hooks (``hooks.py``) while the full model is still here; then, in frozen
+        mode, one backbone pass per user over its longest history in any of the loaders."""
+        if self._source_llm:
+            (llm,) = self._source_llm
+            valid_data = eval_data[0] if eval_data else train_data
+            self.compact.backbone = run_pretraining_hooks(self, llm, train_data, valid_data).to(self.device)
+            self._source_llm = ()  # frees the source model and every unselected layer
+            self._prepare_backbone_for_training()
+            total = self.compact.backbone.num_source_layers
+            logger.info(f"Compact backbone: layers {self.selected_layers} of {total}")
         if self.train_mode != "frozen":
             return
+        dataloaders = (train_data, *eval_data)
         longest: dict[int, tuple[int, torch.Tensor]] = {}
         for loader in dataloaders:
             rows = loader._dataset.inter_feat

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -36,3 +37,16 @@ def argv(monkeypatch):
     """RecBole's Config reads sys.argv; give each test a clean command line."""
     monkeypatch.setattr(sys, "argv", ["pytest"])
     return sys.argv
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny tensors gain nothing from a thread pool, and on a busy 2-core machine a spinning pool costs
+    seconds per call; real-model tests keep every core."""
+    if request.node.get_closest_marker("real_model"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

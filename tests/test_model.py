@@ -4,7 +4,7 @@ import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
-from transformers import AutoModel, BertTokenizer, MistralConfig
+from transformers import MistralConfig
 
 from recbole_layersel import model as model_module
 from recbole_layersel.errors import LayerSelError
@@ -12,18 +12,10 @@ from recbole_layersel.export import export_compact, load_compact
 from recbole_layersel.model import LayerSelLLM
 from recbole_layersel.registry import LayerSelConfig
 from tests.conftest import write_atomic_dataset
-from tests.tiny_models import CONFIGS, DECODER, NUM_LAYERS
+from tests.tiny_models import CONFIGS, DECODER, NUM_LAYERS, save_tiny_llm
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "gemma3_text", "gpt2", "bert"]
 ITEM_COLUMNS = {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}
-
-
-def save_tiny_llm(directory, config):
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(directory)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "item", "number", *map(str, range(20))]
-    BertTokenizer(vocab={word: i for i, word in enumerate(words)}).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture
@@ -33,12 +25,13 @@ def build(tmp_path, argv):
 
     def build(family="llama", llm_config=None, **settings):
         llm_dir = tmp_path / f"llm-{family}"
-        if not llm_dir.exists():
+        if family in CONFIGS and not llm_dir.exists() or llm_config:
             save_tiny_llm(llm_dir, llm_config or CONFIGS[family]())
         config = LayerSelConfig("LayerSelLLM", "tiny", config_dict={
             "data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "saved"),
             "llm_path": str(llm_dir), "llm_cache_dir": str(tmp_path / "cache"), "load_col": ITEM_COLUMNS,
-            "title_field": "title", "num_layers": 3, "embedding_size": 8, "title_max_tokens": 6,
+            "title_field": "title", "layer_strategy": "uniform", "distill_steps": 0,
+            "num_layers": 3, "embedding_size": 8, "title_max_tokens": 6,
             "state_batch_size": 4, "train_batch_size": 16, "eval_batch_size": 16, "show_progress": False,
             **settings})
         loaders = data_preparation(config, create_dataset(config))
@@ -210,3 +203,23 @@ def test_nan_loss_stops_with_the_batch_and_keeps_the_last_good_checkpoint(build)
     with pytest.raises(LayerSelError, match=r"training loss is nan on a batch of \d+ rows \(first users \["):
         trainer.fit(train, valid, saved=True, show_progress=False)
     assert sha256_file(trainer.saved_model_file) == checkpoint_sha256
+
+
+@pytest.mark.real_model
+def test_smollm2_compact_recommender(build, tmp_path):
+    model, loaders = build("smollm2", llm_path="smollm2-135m", llm_cache_dir=None,
+                           selected_layers=[3, 10, 29])
+    backbone = model.compact.backbone
+    assert backbone.num_source_layers == 30 and backbone.config.hidden_size == 576
+    assert [type(layer).__name__ for layer in backbone.layers] == ["LlamaDecoderLayer"] * 3
+    assert [bridge.kind for bridge in backbone.bridges] == ["residual", "residual"]
+    model.before_training(*loaders)
+    losses = train_steps(model, loaders[0], 20)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    model.eval()
+    interaction = first_eval_batch(loaders[2])
+    loaded, _ = load_compact(export_compact(model, tmp_path / "export"))
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+        exported = loaded.full_sort_scores(interaction["item_id_list"], interaction["item_length"])
+    assert torch.isfinite(scores).all() and torch.allclose(exported, scores, atol=1e-4)

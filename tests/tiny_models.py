@@ -1,7 +1,10 @@
 """Tiny random models of every supported family, built from configs (nothing is downloaded)."""
 
+import torch
 from transformers import (
+    AutoModel,
     BertConfig,
+    BertTokenizer,
     Gemma3Config,
     Gemma3TextConfig,
     GemmaConfig,
@@ -72,3 +75,12 @@ CONFIGS = {
         max_position_embeddings=64,
     ),
 }
+
+
+def save_tiny_llm(directory, config):
+    """A seeded random model of `config` plus a word-level tokenizer for the test titles."""
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(directory)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "item", "number", *map(str, range(20))]
+    BertTokenizer(vocab={word: i for i, word in enumerate(words)}).save_pretrained(directory)
+    return directory

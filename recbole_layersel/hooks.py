@@ -1,0 +1,295 @@
+"""Pre-training hooks: importance -> selection -> distillation on the full LLM, before RecBole trains.
+
+``LayerSelLLM.before_training`` calls ``run_pretraining_hooks`` while the model still holds every layer
+of the LLM (a ``CompactBackbone`` of all layers is exactly the full model):
+
+1. **importance** (``importance.py``) on a seeded sample of training histories, after a short warm-up
+   of the recommendation heads on the full model's states (LLM frozen), so the loss means something;
+2. **selection** (``selection.py``): greedy by fused importance with a proxy on a validation sample, or
+   a baseline strategy, or the config's own ``selected_layers``;
+3. **distillation** (``distill.py``): the bridges of the compact model learn to reproduce the full
+   model's final states on the sample.
+
+A stage is skipped when the config gives its result (``selected_layers`` skips 1 and 2 unless a later
+stage needs importance; ``distill_steps: 0`` skips 3) and is cached under ``<llm_cache_dir>/stages/``,
+keyed by model, dataset, data sample and settings, so a rerun or a second variant reuses it.
+
+The greedy proxy (``selection_proxy``): ``fidelity`` is the mean cosine similarity between the compact
+and the full model's last-position states on the validation sample (smooth, no labels needed);
+``ndcg`` is NDCG@10 of the warmed-up heads applied to the compact model's states against the validation
+targets (the rec metric itself, noisier on small samples). Untrained (identity) bridges in both.
+
+Artifacts, next to RecBole's log (``artifacts_dir``): importance.json, importance.png,
+selection.json, distillation.json.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.distill import distill_bridges
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.importance import ImportanceResult, compute_importance, plot_importance_heatmap
+from recbole_layersel.selection import DATA_FREE_STRATEGIES, greedy_select, select_layers
+
+logger = logging.getLogger(__name__)
+PROXIES = ("fidelity", "ndcg")
+
+
+@dataclass
+class SequenceSample:
+    """Right-padded histories (N, T), their lengths, and the item that followed each."""
+
+    users: list[int]
+    item_seq: torch.Tensor
+    lengths: torch.Tensor
+    targets: torch.Tensor
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for tensor in (torch.tensor(self.users), self.item_seq, self.lengths, self.targets):
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
+
+
+def sample_sequences(model, loader, size: int, max_items: int, seed: int, setting: str) -> SequenceSample:
+    """``size`` users drawn (seeded) from ``loader``'s rows, each with its longest row, keeping the last
+    ``max_items`` items of the history."""
+    rows = loader._dataset.inter_feat
+    longest: dict[int, tuple[int, int]] = {}  # user -> (history length, row index)
+    for index, (user, length) in enumerate(zip(rows[model.USER_ID].tolist(),
+                                               rows[model.ITEM_SEQ_LEN].tolist(), strict=True)):
+        if length > longest.get(user, (0, -1))[0]:
+            longest[user] = (length, index)
+    if size > len(longest):
+        raise LayerSelError(
+            f"{setting}={size} is larger than the data: {len(longest)} users have rows here. "
+            f"Set {setting} to at most {len(longest)}."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    users = sorted(longest)
+    chosen = [users[i] for i in torch.randperm(len(users), generator=generator)[:size].tolist()]
+    indices = torch.tensor([longest[u][1] for u in chosen])
+    full_seq, full_len = rows[model.ITEM_SEQ][indices], rows[model.ITEM_SEQ_LEN][indices]
+    lengths = full_len.clamp(max=max_items)
+    item_seq = torch.zeros(size, int(lengths.max()), dtype=torch.long)
+    for row, (n, keep) in enumerate(zip(full_len.tolist(), lengths.tolist(), strict=True)):
+        item_seq[row, :keep] = full_seq[row, n - keep:n]
+    return SequenceSample(chosen, item_seq, lengths, rows[model.ITEM_ID][indices])
+
+
+def _last(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return states[torch.arange(len(states)), lengths - 1]
+
+
+@torch.no_grad()
+def _final_states(backbone, inputs, mask, batch_size: int) -> torch.Tensor:
+    backbone.eval()
+    return torch.cat([backbone(inputs[i:i + batch_size], mask[i:i + batch_size]).float()
+                      for i in range(0, len(inputs), batch_size)])
+
+
+def warm_up_heads(compact, last_states: torch.Tensor, targets: torch.Tensor, steps: int, lr: float) -> None:
+    """Train the heads (and item-ID embeddings) on fixed full-model states, so the importance loss is
+    the loss of a recommender, not of random heads."""
+    heads = [compact.user_head, compact.item_head, compact.item_id_embedding]
+    optimizer = torch.optim.Adam([p for head in heads for p in head.parameters()], lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(steps):
+        loss = loss_fn(compact.user_vectors(last_states) @ compact.item_vectors().T, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _ndcg_at_10(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    target_scores = scores.gather(1, targets.unsqueeze(1))
+    rank = (scores > target_scores).sum(1)
+    gains = torch.where(rank < 10, 1 / torch.log2(rank.float() + 2), torch.zeros(rank.shape))
+    return float(gains.mean())
+
+
+class StageCache:
+    """JSON and safetensors results under ``<cache>/stages/<stage>/<key hash>``, written atomically."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root) / "stages"
+
+    def path(self, stage: str, key: dict, suffix: str) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return self.root / stage / f"{digest}{suffix}"
+
+    def load_json(self, stage: str, key: dict):
+        path = self.path(stage, key, ".json")
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def save_json(self, stage: str, key: dict, value) -> None:
+        write_atomic(self.path(stage, key, ".json"), json.dumps(value, indent=1))
+
+    def load_tensors(self, stage: str, key: dict):
+        path = self.path(stage, key, ".safetensors")
+        return load_file(path) if path.is_file() else None
+
+    def save_tensors(self, stage: str, key: dict, tensors: dict) -> None:
+        path = self.path(stage, key, ".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, partial)
+        os.replace(partial, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def artifacts_dir(config) -> Path | None:
+    """``artifacts_dir`` from the config, else a folder named after RecBole's log file, beside it."""
+    if config["artifacts_dir"]:
+        return Path(config["artifacts_dir"])
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return Path(handler.baseFilename).with_suffix("")
+    return None
+
+
+def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone:
+    """Importance, selection and distillation for ``model`` (a LayerSelLLM still holding the full
+    backbone); returns the compact backbone to train. ``llm`` is the loaded source model."""
+    config, compact_model = model.config, model.compact
+    full = compact_model.backbone
+    total = full.num_source_layers
+    strategy, explicit = config["layer_strategy"], config["selected_layers"]
+    out_dir = artifacts_dir(config)
+    cache = StageCache(model.cache_dir)
+    batch_size = config["importance_batch_size"]
+
+    sample = sample_sequences(model, train_data, config["importance_sample_users"],
+                              config["importance_max_items"], config["seed"], "importance_sample_users")
+    inputs = compact_model.title_inputs[sample.item_seq]
+    mask = (sample.item_seq != 0).long()
+    base_key = {"llm": model.llm_fingerprint, "dataset": config["dataset"], "sample": sample.sha256(),
+                "titles": model.titles_sha256}
+
+    needs_importance = explicit is None and strategy not in DATA_FREE_STRATEGIES
+    importance, teacher = None, None
+    importance_key = {**base_key, "stage": "importance", "weights": config["importance_weights"],
+                      "top_k": config["attention_top_k"], "warmup": config["importance_warmup_steps"],
+                      "batch_size": batch_size}
+    if needs_importance:
+        cached = cache.load_json("importance", importance_key)
+        full_last = _final_states(full, inputs, mask, batch_size)
+        warm_up_heads(compact_model, _last(full_last, sample.lengths), sample.targets,
+                      config["importance_warmup_steps"], config["learning_rate"] * 10)
+        if cached is not None:
+            importance = ImportanceResult(**cached)
+            logger.info("Reusing layer importance from the stage cache.")
+            teacher = {"last": full_last}
+        else:
+            def rec_loss(last_states, rows):
+                logits = compact_model.user_vectors(last_states) @ compact_model.item_vectors().T
+                return nn.functional.cross_entropy(logits, sample.targets[rows])
+
+            importance, teacher = compute_importance(
+                full, inputs, mask, rec_loss, weights=config["importance_weights"],
+                attention_top_k=config["attention_top_k"], batch_size=batch_size)
+            cache.save_json("importance", importance_key, importance.to_json())
+        if out_dir is not None:
+            report = {**importance.to_json(), "settings": importance_key, "sample_users": len(sample.users)}
+            write_atomic(out_dir / "importance.json", json.dumps(report, indent=1))
+            plot_importance_heatmap(importance, out_dir / "importance.png",
+                                    title=f"{model.llm_path} on {config['dataset']}")
+        logger.info(f"Fused layer importance (most important first): {importance.ranking}")
+
+    selection_key = {**importance_key, "stage": "selection", "strategy": strategy, "explicit": explicit,
+                     "k": config["num_layers"], "proxy": config["selection_proxy"],
+                     "patience": config["selection_patience"], "min_gain": config["selection_min_gain"],
+                     "max_evaluations": config["selection_max_evaluations"],
+                     "valid_users": config["selection_sample_users"], "seed": config["seed"]}
+    distill_steps = config["distill_steps"]
+    if distill_steps and teacher is None:  # full-model states, taken before any compact model is built
+        teacher = {"last": _final_states(full, inputs, mask, batch_size)}
+    selection = cache.load_json("selection", selection_key) if strategy == "importance" and needs_importance \
+        else None
+    if selection is None:
+        if strategy == "importance" and explicit is None:
+            selection = _greedy(model, llm, full, valid_data, config, importance.ranking).to_json()
+            cache.save_json("selection", selection_key, selection)
+        else:
+            selection = {"selected": select_layers(total, selected_layers=explicit, strategy=strategy,
+                                                   num_layers=config["num_layers"], seed=config["seed"],
+                                                   importance=importance),
+                         "stop_reason": "given" if explicit is not None else "strategy", "trajectory": []}
+    selected = selection["selected"]
+    if out_dir is not None:
+        write_atomic(out_dir / "selection.json", json.dumps({"strategy": strategy, **selection}, indent=1))
+    logger.info(f"Selected layers ({strategy}): {selected} ({selection['stop_reason']})")
+
+    compact = CompactBackbone(llm, selected, mlp_bridges=config["mlp_bridges"])
+    if distill_steps and any(bridge.kind != "identity" for bridge in compact.bridges):
+        distill_key = {**selection_key, "stage": "distill", "selected": selected, "steps": distill_steps,
+                       "lr": config["distill_lr"], "reg": config["distill_reg_lambda"],
+                       "layerwise": config["distill_layerwise"], "mlp": config["mlp_bridges"]}
+        bridges = cache.load_tensors("distill", distill_key)
+        report = cache.load_json("distill", distill_key)
+        if bridges is None or report is None:
+            layerwise = config["distill_layerwise"]
+            if layerwise and (importance is None or "per_layer" not in teacher):
+                raise LayerSelError(
+                    "distill_layerwise=True weights layers by Fisher importance and needs the importance "
+                    "pass; use layer_strategy=importance (or block_influence, contiguous, magnitude), or set "
+                    "distill_layerwise=False."
+                )
+            fisher = importance.normalised["fisher"] if layerwise else None
+            report = distill_bridges(
+                compact, inputs, mask, teacher["last"],
+                teacher_per_layer=teacher["per_layer"] if layerwise else None,
+                layer_weights={i: fisher[i] for i in selected} if layerwise else None,
+                reg_lambda=config["distill_reg_lambda"], steps=distill_steps, lr=config["distill_lr"],
+                batch_size=batch_size, seed=config["seed"]).to_json()
+            cache.save_tensors("distill", distill_key, compact.bridges.state_dict())
+            cache.save_json("distill", distill_key, report)
+        else:
+            compact.bridges.load_state_dict(bridges)
+            logger.info("Reusing distilled bridges from the stage cache.")
+        if out_dir is not None:
+            write_atomic(out_dir / "distillation.json", json.dumps(report, indent=1))
+        logger.info(f"Distillation fidelity (held-out): before {report['before']}, after {report['after']}")
+    return compact
+
+
+def _greedy(model, llm, full, valid_data, config, ranking: list[int]):
+    """Greedy selection with the configured proxy on a validation sample."""
+    proxy = config["selection_proxy"]
+    if proxy not in PROXIES:
+        raise LayerSelError(f"selection_proxy={proxy!r}; use one of {PROXIES}.")
+    compact_model = model.compact
+    sample = sample_sequences(model, valid_data, config["selection_sample_users"],
+                              config["importance_max_items"], config["seed"] + 1, "selection_sample_users")
+    inputs = compact_model.title_inputs[sample.item_seq]
+    mask = (sample.item_seq != 0).long()
+    batch_size = config["importance_batch_size"]
+    full_last = _last(_final_states(full, inputs, mask, batch_size), sample.lengths)
+
+    @torch.no_grad()
+    def evaluate(layers: list[int]) -> float:
+        last = _last(_final_states(CompactBackbone(llm, layers), inputs, mask, batch_size), sample.lengths)
+        if proxy == "fidelity":
+            return float(nn.functional.cosine_similarity(last, full_last, dim=-1).mean())
+        scores = compact_model.user_vectors(last) @ compact_model.item_vectors().T
+        return _ndcg_at_10(scores, sample.targets)
+
+    return greedy_select(ranking, evaluate, target_k=config["num_layers"],
+                         patience=config["selection_patience"], min_gain=config["selection_min_gain"],
+                         max_evaluations=config["selection_max_evaluations"],
+                         max_seconds=config["selection_max_seconds"])

@@ -1,0 +1,96 @@
+"""The pre-training hooks end to end on a tiny model: importance -> selection -> distillation, their
+artifacts, their stage cache, and the errors a bad config gets."""
+
+import json
+
+import pytest
+import torch
+
+from recbole_layersel import hooks
+from recbole_layersel.errors import LayerSelError
+from tests.test_model import build  # noqa: F401  (fixture)
+
+HOOKED = {"layer_strategy": "importance", "num_layers": 3, "distill_steps": 10, "distill_lr": 0.01,
+          "importance_sample_users": 8, "importance_max_items": 6, "importance_batch_size": 4,
+          "importance_warmup_steps": 5, "selection_sample_users": 8}
+
+
+@pytest.fixture
+def hooked(build, tmp_path):  # noqa: F811
+    """hooked(**settings) -> (model after its hooks ran, loaders)."""
+    def hooked(**settings):
+        model, loaders = build("llama", **{**HOOKED, "artifacts_dir": str(tmp_path / "run"), **settings})
+        model.before_training(*loaders)
+        return model, loaders
+
+    return hooked
+
+
+def test_hooks_select_distill_and_write_their_artifacts(hooked, tmp_path):
+    model, _ = hooked()
+    backbone = model.compact.backbone
+    assert 1 <= len(backbone.layers) <= 3 and backbone.num_source_layers == 6
+    assert not model._source_llm  # the full model is gone
+    run = tmp_path / "run"
+    importance = json.loads((run / "importance.json").read_text())
+    assert set(importance["raw"]) >= {"fisher", "attention_entropy", "block_influence", "effective_rank"}
+    assert sorted(importance["ranking"]) == list(range(6)) and len(importance["fused"]) == 6
+    assert importance["sample_users"] == 8 and len(importance["settings"]["sample"]) == 64
+    assert (run / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    selection = json.loads((run / "selection.json").read_text())
+    assert selection["selected"] == backbone.selected_layers and selection["strategy"] == "importance"
+    assert selection["stop_reason"] in {"target", "saturated"}
+    added = [step["added"] for step in selection["trajectory"]]
+    assert added == importance["ranking"][:len(added)]
+    distillation = json.loads((run / "distillation.json").read_text())
+    assert set(distillation["before"]) == {"mse", "cosine"} and len(distillation["losses"]) == 10
+
+
+def test_stages_are_cached_and_invalidated_when_their_inputs_change(hooked, monkeypatch):
+    first, _ = hooked()
+    monkeypatch.setattr(hooks, "compute_importance", lambda *a, **k: pytest.fail("importance recomputed"))
+    monkeypatch.setattr(hooks, "distill_bridges", lambda *a, **k: pytest.fail("distillation recomputed"))
+    second, _ = hooked()
+    assert second.selected_layers == first.selected_layers
+    for before, after in zip(first.compact.backbone.bridges.state_dict().values(),
+                             second.compact.backbone.bridges.state_dict().values(), strict=True):
+        assert torch.equal(before, after)
+    with pytest.raises(pytest.fail.Exception, match="importance recomputed"):
+        hooked(importance_weights={"fisher": 1.0})
+    with pytest.raises(pytest.fail.Exception, match="importance recomputed"):
+        hooked(importance_sample_users=7)  # another data sample
+    with pytest.raises(pytest.fail.Exception, match="distillation recomputed"):
+        hooked(distill_steps=11)
+
+
+@pytest.mark.parametrize("strategy", ["block_influence", "contiguous", "magnitude", "last", "random"])
+def test_baseline_strategies_share_the_pipeline(hooked, strategy, tmp_path):
+    model, _ = hooked(layer_strategy=strategy)
+    assert len(model.selected_layers) == 3
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert selection["strategy"] == strategy and selection["selected"] == model.selected_layers
+    assert (tmp_path / "run" / "importance.json").exists() == (strategy not in {"last", "random"})
+
+
+def test_explicit_layers_skip_importance_and_selection(hooked, monkeypatch):
+    monkeypatch.setattr(hooks, "compute_importance", lambda *a, **k: pytest.fail("importance ran"))
+    model, _ = hooked(selected_layers=[0, 4, 5])
+    assert model.selected_layers == [0, 4, 5]
+
+
+def test_distillation_lowers_the_compact_vs_full_error(hooked, tmp_path):
+    hooked(selected_layers=[0, 5], distill_steps=40, importance_sample_users=12)
+    report = json.loads((tmp_path / "run" / "distillation.json").read_text())
+    assert report["after"]["mse"] < report["before"]["mse"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"importance_weights": {"fisher": 1.0, "loudness": 1.0}}, "loudness"),
+    ({"importance_weights": {"fisher": 0.0}}, "sum"),
+    ({"importance_sample_users": 1000}, r"importance_sample_users=1000 is larger than the data: 12 users"),
+    ({"selection_proxy": "vibes"}, r"selection_proxy='vibes'"),
+    ({"layer_strategy": "best"}, r"layer_strategy='best' is not a strategy"),
+])
+def test_bad_hook_settings_are_named(hooked, settings, message):
+    with pytest.raises(LayerSelError, match=message):
+        hooked(**settings)
