@@ -97,14 +97,15 @@ def _final_states(backbone, inputs, mask, batch_size: int) -> torch.Tensor:
                       for i in range(0, len(inputs), batch_size)])
 
 
-def warm_up_heads(compact, last_states: torch.Tensor, targets: torch.Tensor, steps: int, lr: float) -> None:
-    """Train the heads (and item-ID embeddings) on fixed full-model states, so the importance loss is
-    the loss of a recommender, not of random heads."""
-    heads = [compact.user_head, compact.item_head, compact.item_id_embedding]
-    optimizer = torch.optim.Adam([p for head in heads for p in head.parameters()], lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
+def warm_up_heads(compact, last_states: torch.Tensor, item_seq: torch.Tensor, targets: torch.Tensor,
+                  steps: int, lr: float) -> None:
+    """Train the heads (everything but the backbone) on fixed full-model states, so the importance
+    loss is the loss of a recommender, not of random heads."""
+    heads = [p for name, p in compact.named_parameters() if not name.startswith("backbone.")]
+    optimizer = torch.optim.Adam(heads, lr=lr)
     for _ in range(steps):
-        loss = loss_fn(compact.user_vectors(last_states) @ compact.item_vectors().T, targets)
+        scores = compact.scores(compact.user_vectors(last_states), item_seq)
+        loss = nn.functional.cross_entropy(scores, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -189,7 +190,7 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
     if needs_importance:
         cached = cache.load_json("importance", importance_key)
         full_last = _final_states(full, inputs, mask, batch_size)
-        warm_up_heads(compact_model, _last(full_last, sample.lengths), sample.targets,
+        warm_up_heads(compact_model, _last(full_last, sample.lengths), sample.item_seq, sample.targets,
                       config["importance_warmup_steps"], config["learning_rate"] * 10)
         if cached is not None:
             importance = ImportanceResult(**cached)
@@ -197,7 +198,7 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
             teacher = {"last": full_last}
         else:
             def rec_loss(last_states, rows):
-                logits = compact_model.user_vectors(last_states) @ compact_model.item_vectors().T
+                logits = compact_model.scores(compact_model.user_vectors(last_states), sample.item_seq[rows])
                 return nn.functional.cross_entropy(logits, sample.targets[rows])
 
             importance, teacher = compute_importance(
@@ -286,7 +287,7 @@ def _greedy(model, llm, full, valid_data, config, ranking: list[int]):
         last = _last(_final_states(CompactBackbone(llm, layers), inputs, mask, batch_size), sample.lengths)
         if proxy == "fidelity":
             return float(nn.functional.cosine_similarity(last, full_last, dim=-1).mean())
-        scores = compact_model.user_vectors(last) @ compact_model.item_vectors().T
+        scores = compact_model.scores(compact_model.user_vectors(last), sample.item_seq)
         return _ndcg_at_10(scores, sample.targets)
 
     return greedy_select(ranking, evaluate, target_k=config["num_layers"],

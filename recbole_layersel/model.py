@@ -74,6 +74,11 @@ class CompactRecommender(nn.Module):
         nn.init.normal_(self.item_id_embedding.weight, std=0.02)
         with torch.no_grad():
             self.item_id_embedding.weight[0] = 0
+        self.item_bias = nn.Parameter(torch.zeros(title_inputs.shape[0]))  # popularity, learnt
+        # Added to the score of every item already in the history. RecBole's sequential protocol keeps
+        # seen items among the candidates; this learns how likely a repeat is (strongly negative on
+        # MovieLens, where nobody rates a film twice).
+        self.history_weight = nn.Parameter(torch.zeros(()))
 
     def sequence_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         """Backbone output (B, T, H) for right-padded histories, cut to the longest one."""
@@ -90,8 +95,19 @@ class CompactRecommender(nn.Module):
     def item_vectors(self) -> torch.Tensor:
         return self.item_head(self.title_outputs) + self.item_id_embedding.weight
 
+    def scores(self, user_vectors: torch.Tensor, item_seq: torch.Tensor, items=None) -> torch.Tensor:
+        """Scores of all items (B, n_items), or of one item per row (B,) when ``items`` is given."""
+        item_vectors = self.item_vectors()
+        if items is None:
+            seen = torch.zeros(len(item_seq), len(item_vectors), device=item_seq.device)
+            seen.scatter_(1, item_seq, 1.0)[:, 0] = 0  # column 0 is the padding item
+            return user_vectors @ item_vectors.T + self.item_bias + self.history_weight * seen
+        seen = (item_seq == items.unsqueeze(1)).any(1).float()
+        dot = (user_vectors * item_vectors[items]).sum(-1)
+        return dot + self.item_bias[items] + self.history_weight * seen
+
     def full_sort_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-        return self.user_vectors(self.last_states(item_seq, item_seq_len)) @ self.item_vectors().T
+        return self.scores(self.user_vectors(self.last_states(item_seq, item_seq_len)), item_seq)
 
 
 def add_lora(backbone: CompactBackbone, r: int, alpha: int, dropout: float, targets=None) -> None:
@@ -152,7 +168,7 @@ class LayerSelLLM(SequentialRecommender):
         if hooks_needed:
             # Importance, selection and distillation read the full model: keep every layer (and the
             # source model, outside the module tree) until `before_training` has chosen.
-            backbone = CompactBackbone(llm, list(range(num_source_layers)))
+            backbone = CompactBackbone(llm, list(range(num_source_layers))).requires_grad_(False)
             self._source_llm = (llm,)
         else:
             backbone = CompactBackbone(llm, select_layers(
@@ -244,7 +260,7 @@ class LayerSelLLM(SequentialRecommender):
         return self.compact.user_vectors(self.last_states(interaction))
 
     def calculate_loss(self, interaction):
-        logits = self.forward(interaction) @ self.compact.item_vectors().T
+        logits = self.compact.scores(self.forward(interaction), interaction[self.ITEM_SEQ])
         loss = self.loss_fct(logits, interaction[self.POS_ITEM_ID])
         if not torch.isfinite(loss):
             users = interaction[self.USER_ID][:10].tolist()
@@ -256,8 +272,8 @@ class LayerSelLLM(SequentialRecommender):
         return loss
 
     def predict(self, interaction):
-        item_vectors = self.compact.item_vectors()[interaction[self.ITEM_ID]]
-        return (self.forward(interaction) * item_vectors).sum(-1)
+        return self.compact.scores(self.forward(interaction), interaction[self.ITEM_SEQ],
+                                   interaction[self.ITEM_ID])
 
     def full_sort_predict(self, interaction):
-        return self.forward(interaction) @ self.compact.item_vectors().T
+        return self.compact.scores(self.forward(interaction), interaction[self.ITEM_SEQ])
