@@ -97,6 +97,18 @@ def _final_states(backbone, inputs, mask, batch_size: int) -> torch.Tensor:
                       for i in range(0, len(inputs), batch_size)])
 
 
+@torch.no_grad()
+def _teacher_states(backbone, inputs, mask, batch_size: int) -> dict[str, torch.Tensor]:
+    """The full model's final states and per-layer outputs, as ``compute_importance`` returns them."""
+    backbone.eval()
+    last, per_layer = [], []
+    for i in range(0, len(inputs), batch_size):
+        final, layers = backbone(inputs[i:i + batch_size], mask[i:i + batch_size], output_hidden_states=True)
+        last.append(final.float())
+        per_layer.append(torch.stack(layers).float())
+    return {"last": torch.cat(last), "per_layer": torch.cat(per_layer, dim=1)}
+
+
 def warm_up_heads(compact, last_states: torch.Tensor, item_seq: torch.Tensor, targets: torch.Tensor,
                   steps: int, lr: float) -> None:
     """Train the heads (everything but the backbone) on fixed full-model states, so the importance
@@ -182,6 +194,10 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
     base_key = {"llm": model.llm_fingerprint, "dataset": config["dataset"], "sample": sample.sha256(),
                 "titles": model.titles_sha256}
 
+    # The warm-up below trains the heads; every strategy must start RecBole's training from the same
+    # heads, so they are put back at the end.
+    initial_heads = {name: p.detach().clone() for name, p in compact_model.named_parameters()
+                     if not name.startswith("backbone.")}
     needs_importance = explicit is None and strategy not in DATA_FREE_STRATEGIES
     importance, teacher = None, None
     importance_key = {**base_key, "stage": "importance", "weights": config["importance_weights"],
@@ -195,7 +211,6 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
         if cached is not None:
             importance = ImportanceResult(**cached)
             logger.info("Reusing layer importance from the stage cache.")
-            teacher = {"last": full_last}
         else:
             def rec_loss(last_states, rows):
                 logits = compact_model.scores(compact_model.user_vectors(last_states), sample.item_seq[rows])
@@ -219,7 +234,7 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                      "valid_users": config["selection_sample_users"], "seed": config["seed"]}
     distill_steps = config["distill_steps"]
     if distill_steps and teacher is None:  # full-model states, taken before any compact model is built
-        teacher = {"last": _final_states(full, inputs, mask, batch_size)}
+        teacher = _teacher_states(full, inputs, mask, batch_size)
     selection = cache.load_json("selection", selection_key) if strategy == "importance" and needs_importance \
         else None
     if selection is None:
@@ -245,7 +260,7 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
         report = cache.load_json("distill", distill_key)
         if bridges is None or report is None:
             layerwise = config["distill_layerwise"]
-            if layerwise and (importance is None or "per_layer" not in teacher):
+            if layerwise and importance is None:
                 raise LayerSelError(
                     "distill_layerwise=True weights layers by Fisher importance and needs the importance "
                     "pass; use layer_strategy=importance (or block_influence, contiguous, magnitude), or set "
@@ -266,6 +281,10 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
         if out_dir is not None:
             write_atomic(out_dir / "distillation.json", json.dumps(report, indent=1))
         logger.info(f"Distillation fidelity (held-out): before {report['before']}, after {report['after']}")
+    with torch.no_grad():
+        for name, parameter in compact_model.named_parameters():
+            if name in initial_heads:
+                parameter.copy_(initial_heads[name])
     return compact
 
 

@@ -94,3 +94,18 @@ def test_distillation_lowers_the_compact_vs_full_error(hooked, tmp_path):
 def test_bad_hook_settings_are_named(hooked, settings, message):
     with pytest.raises(LayerSelError, match=message):
         hooked(**settings)
+
+
+def test_every_strategy_starts_training_from_the_same_heads(hooked):
+    importance, _ = hooked()
+    last, _ = hooked(layer_strategy="last", distill_steps=0)
+    for name, parameter in importance.named_parameters():
+        if not name.startswith("compact.backbone."):
+            assert torch.equal(parameter, dict(last.named_parameters())[name]), name
+
+
+def test_layerwise_distillation_also_runs_from_a_cached_importance(hooked, tmp_path):
+    hooked(distill_layerwise=True)
+    hooked(distill_layerwise=True, distill_steps=12)  # importance cached, distillation not
+    report = json.loads((tmp_path / "run" / "distillation.json").read_text())
+    assert len(report["losses"]) == 12
