@@ -245,6 +245,12 @@ class LayerSelLLM(SequentialRecommender):
         self.compact.train(was_training)
 
     def last_states(self, interaction) -> torch.Tensor:
+        if self._source_llm:
+            raise LayerSelError(
+                "LayerSelLLM still holds the full LLM: its pre-training hooks (importance, selection, "
+                "distillation) have not run. Call model.before_training(train_data, valid_data, test_data) "
+                "before training or scoring; recbole_layersel's run_recbole does."
+            )
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         if self.train_mode == "lora":
             return self.compact.last_states(item_seq, item_seq_len)

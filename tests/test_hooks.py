@@ -109,3 +109,9 @@ def test_layerwise_distillation_also_runs_from_a_cached_importance(hooked, tmp_p
     hooked(distill_layerwise=True, distill_steps=12)  # importance cached, distillation not
     report = json.loads((tmp_path / "run" / "distillation.json").read_text())
     assert len(report["losses"]) == 12
+
+
+def test_scoring_before_the_hooks_ran_is_an_error(build):  # noqa: F811
+    model, (train, _, _) = build("llama", **HOOKED)
+    with pytest.raises(LayerSelError, match=r"hooks .* have not run. Call model.before_training"):
+        model.calculate_loss(next(iter(train)))
