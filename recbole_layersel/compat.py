@@ -105,6 +105,8 @@ class TrustedCheckpointMixin:
             return
         os.replace(partial, path)
         self.written_checkpoints[path] = sha256_file(path)
+        if hasattr(self.model, "export_beside_checkpoint"):  # a pickle-free copy others can load
+            self.model.export_beside_checkpoint(path)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 

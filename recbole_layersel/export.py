@@ -2,8 +2,9 @@
 
     <dir>/model.safetensors   every tensor of the CompactRecommender: kept layers, bridges, heads,
                               title embeddings (and LoRA adapters, when trained with LoRA)
-    <dir>/layersel.json       source model, selection, backbone config, sizes, LoRA settings, and the
-                              dataset's item ids and titles in the model's internal order
+    <dir>/layersel.json       source model, selection, backbone config, sizes, LoRA settings; the
+                              dataset's item ids, titles and training counts in the model's internal
+                              order; each user's history (dataset ids, oldest first)
 
 The directory is built beside its destination and renamed into place, so a crash never leaves a
 half-written export where a complete one is expected.
@@ -45,6 +46,9 @@ def export_compact(model, directory: str | Path) -> Path:
         "item_field": model.ITEM_ID,
         "item_ids": model.item_tokens,
         "titles": model.item_title_texts,
+        "item_counts": model.item_counts,
+        "max_history": model.max_seq_length,
+        "user_histories": model.user_histories,
     }
     directory = Path(directory).resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)

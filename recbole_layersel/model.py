@@ -157,6 +157,10 @@ class LayerSelLLM(SequentialRecommender):
         self.llm_fingerprint, self.titles_sha256 = key["llm"], key["titles_sha256"]
         self.item_tokens = dataset.field2id_token[self.ITEM_ID].tolist()  # internal id -> dataset item id
         self.item_title_texts = titles
+        # Popularity (training targets per item) answers users with no history; histories are filled
+        # by `before_training` from the loaders, so an export can recommend for a dataset's user id.
+        self.item_counts = torch.bincount(dataset.inter_feat[self.ITEM_ID], minlength=self.n_items).tolist()
+        self.user_histories: dict[str, list[str]] = {}
         self.lora_settings = {"r": config["lora_r"], "alpha": config["lora_alpha"],
                               "dropout": config["lora_dropout"], "targets": config["lora_target_modules"]}
 
@@ -195,6 +199,13 @@ class LayerSelLLM(SequentialRecommender):
                 f"{max(longest, 2 * self.max_seq_length)} or more, or use train_mode=lora."
             )
 
+    def export_beside_checkpoint(self, checkpoint_file: str) -> None:
+        """RecBole's checkpoints are pickles; this writes the same weights beside one as a pickle-free
+        export (``<checkpoint>.layersel/``), which ``recommend`` loads safely."""
+        from recbole_layersel.export import export_compact  # export.py imports this module
+
+        export_compact(self, Path(checkpoint_file).with_suffix(".layersel"))
+
     @property
     def selected_layers(self) -> list[int]:
         return self.compact.backbone.selected_layers
@@ -217,16 +228,20 @@ class LayerSelLLM(SequentialRecommender):
             self._prepare_backbone_for_training()
             total = self.compact.backbone.num_source_layers
             logger.info(f"Compact backbone: layers {self.selected_layers} of {total}")
+        longest: dict[int, tuple[int, torch.Tensor, int]] = {}  # user -> (length, history, next item)
+        for loader in (train_data, *eval_data):
+            rows = loader._dataset.inter_feat
+            columns = (rows[self.USER_ID].tolist(), rows[self.ITEM_SEQ_LEN].tolist(), rows[self.ITEM_SEQ],
+                       rows[self.ITEM_ID].tolist())
+            for user, length, seq, target in zip(*columns, strict=True):
+                if length > longest.get(user, (0,))[0]:
+                    longest[user] = (length, seq, target)
+        user_tokens = train_data._dataset.field2id_token[self.USER_ID]
+        self.user_histories = {
+            str(user_tokens[user]): [self.item_tokens[i] for i in [*seq[:length].tolist(), target]]
+            for user, (length, seq, target) in longest.items()}
         if self.train_mode != "frozen":
             return
-        dataloaders = (train_data, *eval_data)
-        longest: dict[int, tuple[int, torch.Tensor]] = {}
-        for loader in dataloaders:
-            rows = loader._dataset.inter_feat
-            for user, length, seq in zip(rows[self.USER_ID].tolist(), rows[self.ITEM_SEQ_LEN].tolist(),
-                                         rows[self.ITEM_SEQ], strict=True):
-                if length > longest.get(user, (0, None))[0]:
-                    longest[user] = (length, seq)
         users = list(longest)
         lengths = torch.tensor([longest[u][0] for u in users])
         self._compute_frozen_states(users, torch.stack([longest[u][1] for u in users]), lengths)
