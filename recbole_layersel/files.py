@@ -1,7 +1,12 @@
-"""File helpers shared by the model cache and the checkpoints."""
+"""File helpers shared by the caches, checkpoints and run artifacts: hashing, and writes that are
+atomic (a temporary file beside the target, then a rename), so no reader ever sees half a file."""
 
 import hashlib
+import json
+import os
 from pathlib import Path
+
+from safetensors.torch import load_file, save_file
 
 
 def sha256_file(path: str | Path) -> str:
@@ -11,3 +16,38 @@ def sha256_file(path: str | Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+class StageCache:
+    """JSON and safetensors results under ``<cache>/stages/<stage>/<key hash>``, written atomically."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root) / "stages"
+
+    def path(self, stage: str, key: dict, suffix: str) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return self.root / stage / f"{digest}{suffix}"
+
+    def load_json(self, stage: str, key: dict):
+        path = self.path(stage, key, ".json")
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def save_json(self, stage: str, key: dict, value) -> None:
+        write_atomic(self.path(stage, key, ".json"), json.dumps(value, indent=1))
+
+    def load_tensors(self, stage: str, key: dict):
+        path = self.path(stage, key, ".safetensors")
+        return load_file(path) if path.is_file() else None
+
+    def save_tensors(self, stage: str, key: dict, tensors: dict) -> None:
+        path = self.path(stage, key, ".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, partial)
+        os.replace(partial, path)

@@ -26,17 +26,16 @@ selection.json, distillation.json.
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.distill import distill_bridges
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import StageCache, write_atomic
 from recbole_layersel.importance import ImportanceResult, compute_importance, plot_importance_heatmap
 from recbole_layersel.selection import DATA_FREE_STRATEGIES, greedy_select, select_layers
 
@@ -128,42 +127,6 @@ def _ndcg_at_10(scores: torch.Tensor, targets: torch.Tensor) -> float:
     rank = (scores > target_scores).sum(1)
     gains = torch.where(rank < 10, 1 / torch.log2(rank.float() + 2), torch.zeros(rank.shape))
     return float(gains.mean())
-
-
-class StageCache:
-    """JSON and safetensors results under ``<cache>/stages/<stage>/<key hash>``, written atomically."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root) / "stages"
-
-    def path(self, stage: str, key: dict, suffix: str) -> Path:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-        return self.root / stage / f"{digest}{suffix}"
-
-    def load_json(self, stage: str, key: dict):
-        path = self.path(stage, key, ".json")
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-    def save_json(self, stage: str, key: dict, value) -> None:
-        write_atomic(self.path(stage, key, ".json"), json.dumps(value, indent=1))
-
-    def load_tensors(self, stage: str, key: dict):
-        path = self.path(stage, key, ".safetensors")
-        return load_file(path) if path.is_file() else None
-
-    def save_tensors(self, stage: str, key: dict, tensors: dict) -> None:
-        path = self.path(stage, key, ".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, partial)
-        os.replace(partial, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text + "\n", encoding="utf-8")
-    os.replace(partial, path)
 
 
 def artifacts_dir(config) -> Path | None:

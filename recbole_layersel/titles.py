@@ -8,17 +8,14 @@ Two vectors per item, both of the LLM's hidden size:
 Row 0 is RecBole's padding item and stays zero.
 """
 
-import hashlib
-import json
 import logging
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import StageCache
 
 logger = logging.getLogger(__name__)
 POOLINGS = ("mean", "last")
@@ -69,17 +66,13 @@ def encode_titles(llm, tokenizer, titles: list[str], *, max_tokens: int, pooling
 
 
 def cached_title_embeddings(cache_dir: Path, key: dict, compute) -> dict[str, torch.Tensor]:
-    """``compute()``'s result, stored under ``cache_dir`` by a hash of ``key`` and reused while the key
-    (model, dataset, titles, settings) is unchanged. Written to a temp file, then renamed."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / "title_embeddings" / f"{digest}.safetensors"
-    if path.is_file():
-        logger.info("Reusing title embeddings from %s", path)
-        return load_file(path)
+    """``compute()``'s result, kept in the stage cache under ``cache_dir`` and reused while the key
+    (model, dataset, titles, settings) is unchanged."""
+    cache = StageCache(cache_dir)
+    cached = cache.load_tensors("title_embeddings", key)
+    if cached is not None:
+        logger.info("Reusing title embeddings from %s", cache.path("title_embeddings", key, ".safetensors"))
+        return cached
     encoded = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(encoded, partial, metadata={"key": json.dumps(key, sort_keys=True)})
-    os.replace(partial, path)
-    logger.info("Cached title embeddings at %s", path)
+    cache.save_tensors("title_embeddings", key, encoded)
     return encoded
