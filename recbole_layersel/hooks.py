@@ -168,8 +168,10 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                       "batch_size": batch_size}
     if needs_importance:
         cached = cache.load_json("importance", importance_key)
-        full_last = _final_states(full, inputs, mask, batch_size)
-        warm_up_heads(compact_model, _last(full_last, sample.lengths), sample.item_seq, sample.targets,
+        # One no-grad pass gives the warm-up states and, should importance come from the cache, the
+        # teacher that distillation needs; the importance pass below returns the same teacher.
+        teacher = _teacher_states(full, inputs, mask, batch_size)
+        warm_up_heads(compact_model, _last(teacher["last"], sample.lengths), sample.item_seq, sample.targets,
                       config["importance_warmup_steps"], config["learning_rate"] * 10)
         if cached is not None:
             importance = ImportanceResult(**cached)
@@ -262,7 +264,9 @@ def _greedy(model, llm, full, valid_data, config, ranking: list[int]):
     inputs = compact_model.title_inputs[sample.item_seq]
     mask = (sample.item_seq != 0).long()
     batch_size = config["importance_batch_size"]
-    full_last = _last(_final_states(full, inputs, mask, batch_size), sample.lengths)
+    full_last = None  # the ndcg proxy needs no full-model states
+    if proxy == "fidelity":
+        full_last = _last(_final_states(full, inputs, mask, batch_size), sample.lengths)
 
     @torch.no_grad()
     def evaluate(layers: list[int]) -> float:

@@ -115,3 +115,10 @@ def test_scoring_before_the_hooks_ran_is_an_error(build):  # noqa: F811
     model, (train, _, _) = build("llama", **HOOKED)
     with pytest.raises(LayerSelError, match=r"hooks .* have not run. Call model.before_training"):
         model.calculate_loss(next(iter(train)))
+
+
+def test_the_ndcg_proxy_drives_the_greedy_search_too(hooked, tmp_path):
+    model, _ = hooked(selection_proxy="ndcg")
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert selection["selected"] == model.selected_layers
+    assert all(0.0 <= step["proxy"] <= 1.0 for step in selection["trajectory"])
