@@ -30,6 +30,11 @@ WEIGHTS_NAME, META_NAME = "model.safetensors", "layersel.json"
 
 def export_compact(model, directory: str | Path) -> Path:
     """Write ``model`` (a LayerSelLLM) to ``directory`` as safetensors + JSON; returns the directory."""
+    if model.quantized:
+        raise LayerSelError(
+            "quantize=int8 models cannot be exported: their int8 layers hold packed weights, not tensors. "
+            "Export the float model (drop quantize) and quantise it where it is served."
+        )
     compact, backbone = model.compact, model.compact.backbone
     meta = {
         "format": FORMAT,
@@ -39,6 +44,7 @@ def export_compact(model, directory: str | Path) -> Path:
         "num_source_layers": backbone.num_source_layers,
         "bridges": [bridge.kind for bridge in backbone.bridges],
         "mlp_bridges": any(bridge.kind == "mlp" for bridge in backbone.bridges),
+        "bridge_rank": backbone.bridge_rank,
         "backbone_config": backbone.config.to_dict(),
         "dtype": str(next(backbone.parameters()).dtype).removeprefix("torch."),
         "embedding_size": compact.item_id_embedding.embedding_dim,
@@ -84,7 +90,8 @@ def load_compact(directory: str | Path) -> tuple[CompactRecommender, dict]:
     config_dict = dict(meta["backbone_config"])
     config = CONFIG_MAPPING[config_dict.pop("model_type")].from_dict(config_dict)
     backbone = CompactBackbone.from_compact_config(
-        config, meta["selected_layers"], meta["num_source_layers"], meta["mlp_bridges"])
+        config, meta["selected_layers"], meta["num_source_layers"], meta["mlp_bridges"],
+        meta["bridge_rank"])
     backbone.to(getattr(torch, meta["dtype"]))
     state = load_file(weights_path)
     compact = CompactRecommender(

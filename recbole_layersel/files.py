@@ -24,6 +24,14 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def save_figure(figure, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    figure.savefig(partial, format="png", dpi=120)
+    os.replace(partial, path)
+
+
 class StageCache:
     """JSON and safetensors results under ``<cache>/stages/<stage>/<key hash>``, written atomically."""
 

@@ -216,11 +216,13 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
         write_atomic(out_dir / "selection.json", json.dumps({"strategy": strategy, **selection}, indent=1))
     logger.info(f"Selected layers ({strategy}): {selected} ({selection['stop_reason']})")
 
-    compact = CompactBackbone(llm, selected, mlp_bridges=config["mlp_bridges"])
+    compact = CompactBackbone(llm, selected, mlp_bridges=config["mlp_bridges"],
+                              bridge_rank=config["bridge_rank"])
     if distill_steps and any(bridge.kind != "identity" for bridge in compact.bridges):
         distill_key = {**selection_key, "stage": "distill", "selected": selected, "steps": distill_steps,
                        "lr": config["distill_lr"], "reg": config["distill_reg_lambda"],
-                       "layerwise": config["distill_layerwise"], "mlp": config["mlp_bridges"]}
+                       "layerwise": config["distill_layerwise"], "mlp": config["mlp_bridges"],
+                       "rank": config["bridge_rank"]}
         bridges = cache.load_tensors("distill", distill_key)
         report = cache.load_json("distill", distill_key)
         if bridges is None or report is None:

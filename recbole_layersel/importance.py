@@ -41,8 +41,6 @@ References:
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
@@ -55,6 +53,7 @@ from matplotlib.figure import Figure
 
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import save_figure
 
 CRITERIA: dict[str, int] = {
     "fisher": +1,
@@ -454,10 +453,4 @@ def plot_importance_heatmap(result: ImportanceResult, path, title: str = "", *, 
         axes.set_title(title)
     figure.colorbar(image, ax=axes, label="normalised importance")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    save_figure(figure, path)

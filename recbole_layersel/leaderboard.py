@@ -3,15 +3,27 @@
     python -m recbole_layersel.leaderboard --dataset ml-100k --seeds 2020 2021 2022 \\
         --entries BPR SASRec LayerSelLLM-importance LayerSelLLM-random
 
+Entries: ``BPR``, ``SASRec`` (RecBole's own), ``LayerSelLLM-full`` (every layer, no distillation) and
+``LayerSelLLM-<strategy>[-k<k>][-int8][@<dataset>]``: the layer strategy (importance, random, uniform,
+last, block_influence, contiguous, magnitude, first), optionally k layers instead of the yaml's
+``num_layers``, optionally the compact backbone quantised to int8 (torch dynamic quantisation), and
+optionally the layers another dataset's hooks chose with the same seed (cross-domain selection; that
+dataset's selection is computed first with ``hooks_only`` if no finished run of it is there).
+
 Each (entry, seed) runs ``quick_start.run_recbole`` in its own process and leaves one JSON file in
 ``<out>/runs/<dataset>/<entry>/seed<seed>.json``, written atomically when the run has finished
 (``"status": "ok"`` with RecBole's test metrics, or ``"status": "failed"`` with the error). A rerun skips
 every finished file, so an interrupted leaderboard resumes where it stopped and a finished result is
-never overwritten by a partial one. Failed runs are reported as failed, never dropped.
+never overwritten by a partial one. Failed runs are reported as failed, never dropped. Runs go seed by
+seed (every entry for the first seed, then the next seed), and the table is rewritten after each run,
+so a leaderboard stopped early still has a table that says how far it got.
 
 The table (``<out>/<dataset>.md`` and ``.csv``) gives, per entry, each metric's mean +- 95 % confidence
-half-width over seeds (Student's t), training time, test throughput (users per second), parameter count,
-and a paired t-test (paired by seed) of NDCG@10 against each reference entry that has results.
+half-width over seeds (Student's t), training time, inference throughput (users per second of
+``full_sort_predict``, backbone included), parameter count, layers kept, and a paired t-test (paired by
+seed) of NDCG@10 against each reference entry that has results. ``<out>/<dataset>.png`` charts NDCG@10
+and throughput; with two or more ``LayerSelLLM-importance`` sizes, ``<out>/<dataset>-frontier.png``
+plots NDCG@10 against the layers kept, next to the speed-ups of ``--bench`` (a ``bench.json``).
 """
 
 import argparse
@@ -20,25 +32,51 @@ import io
 import json
 import math
 import multiprocessing
+import re
 import sys
 import traceback
 from pathlib import Path
+from queue import Empty
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from scipy import stats
 
-from recbole_layersel.files import write_atomic
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import save_figure, write_atomic
 
 METRICS = ("ndcg@5", "ndcg@10", "mrr@10", "precision@10", "recall@10", "hit@10")
 REFERENCES = ("SASRec", "LayerSelLLM-full")
-# Entry name -> (model, settings). The LayerSelLLM rows differ only in how layers are chosen.
+STRATEGIES = ("importance", "random", "uniform", "last", "block_influence", "contiguous", "magnitude")
+# The issue's entries, in table order. SmolLM2 has 30 layers: LayerSelLLM-full keeps them all.
+DEFAULT_ENTRIES = ["BPR", "SASRec", "LayerSelLLM-full", *[f"LayerSelLLM-{s}" for s in STRATEGIES],
+                   "LayerSelLLM-importance-int8"]
 ENTRIES = {
     "BPR": ("BPR", {}),
     "SASRec": ("SASRec", {}),
     "LayerSelLLM-full": ("LayerSelLLM", {"layer_strategy": "first", "num_layers": 30, "distill_steps": 0}),
-    **{f"LayerSelLLM-{strategy}": ("LayerSelLLM", {"layer_strategy": strategy})
-       for strategy in ("importance", "random", "uniform", "last", "block_influence", "contiguous",
-                        "magnitude")},
 }
+_LLM_ENTRY = re.compile(r"LayerSelLLM-(?P<strategy>[a-z_]+)(?:-k(?P<k>[0-9]+))?(?P<int8>-int8)?"
+                        r"(?:@(?P<source>[\w.-]+))?")
+
+
+def entry_settings(name: str) -> tuple[str, dict, str | None]:
+    """(model, settings, dataset whose selection the entry reuses or None) of an entry name."""
+    if name in ENTRIES:
+        return (*ENTRIES[name], None)
+    match = _LLM_ENTRY.fullmatch(name)
+    if not match or match["strategy"] not in (*STRATEGIES, "first"):
+        raise LayerSelError(
+            f"unknown entry {name!r}; use {', '.join(ENTRIES)} or LayerSelLLM-<strategy>[-k<k>][-int8]"
+            f"[@<dataset>] with a strategy among {', '.join((*STRATEGIES, 'first'))}, "
+            "e.g. LayerSelLLM-importance-k4."
+        )
+    settings = {"layer_strategy": match["strategy"]}
+    if match["k"]:
+        settings["num_layers"] = int(match["k"])
+    if match["int8"]:
+        settings["quantize"] = "int8"
+    return "LayerSelLLM", settings, match["source"]
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
@@ -65,30 +103,70 @@ def _run_one(model: str, dataset: str, config_dict: dict, queue) -> None:
     sys.argv = sys.argv[:1]  # RecBole's Config reads the command line; this run's settings are in the dict
     try:
         result = run_recbole(model, dataset, config_dict=config_dict)
-        keep = ("train_seconds", "test_seconds", "test_users", "parameters", "trainable_parameters")
+        if config_dict.get("hooks_only"):
+            queue.put({"status": "ok", **result})
+            return
+        keep = ("train_seconds", "test_seconds", "test_users", "inference_users_per_second", "parameters",
+                "trainable_parameters", "selected_layers")
         queue.put({"status": "ok", "test": dict(result["test_result"]), **{k: result[k] for k in keep}})
     except Exception as error:  # reported in the table as a failed run, with its message
         queue.put({"status": "failed", "error": f"{type(error).__name__}: {error}",
                    "traceback": traceback.format_exc()})
 
 
-def run_entry(name: str, dataset: str, seed: int, out: Path, extra: dict) -> dict:
-    """One finished run: read from its file, or run now (in a child process) and write the file."""
-    path = out / "runs" / dataset / name / f"seed{seed}.json"
+def _finished(path: Path, run, identity: dict) -> dict:
+    """The record at ``path``, or ``run()``'s (a dict, run in a child process) written there first."""
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    model, settings = ENTRIES[name]
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    config_dict = {**settings, **extra, "seed": seed}
-    process = context.Process(target=_run_one, args=(model, dataset, config_dict, queue))
-    process.start()
-    process.join()
-    record = queue.get() if not queue.empty() else {
-        "status": "failed", "error": f"the run's process exited with code {process.exitcode}"}
-    record |= {"entry": name, "model": model, "dataset": dataset, "seed": seed, "settings": settings}
+    record = run() | identity
     write_atomic(path, json.dumps(record, indent=1))
     return record
+
+
+def _in_child(model: str, dataset: str, config_dict: dict) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_run_one, args=(model, dataset, config_dict, queue))
+    process.start()
+    while True:  # read before joining: a child cannot exit while its record is still in the pipe
+        try:
+            record = queue.get(timeout=5)
+            process.join()
+            return record
+        except Empty:
+            if not process.is_alive():
+                return {"status": "failed", "error": f"the run's process exited with code {process.exitcode}"}
+
+
+def source_selection(source: str, seed: int, out: Path, extra: dict) -> dict:
+    """The layers ``LayerSelLLM-importance`` chose on ``source`` with ``seed``: from its finished run, or
+    from a hooks-only run (importance and selection, no training) recorded in runs/<source>/selection/."""
+    run = out / "runs" / source / "LayerSelLLM-importance" / f"seed{seed}.json"
+    if run.is_file() and json.loads(run.read_text(encoding="utf-8"))["status"] == "ok":
+        return json.loads(run.read_text(encoding="utf-8"))
+    config_dict = {**extra, "layer_strategy": "importance", "hooks_only": True, "distill_steps": 0,
+                   "seed": seed}
+    return _finished(out / "runs" / source / "selection" / f"seed{seed}.json",
+                     lambda: _in_child("LayerSelLLM", source, config_dict),
+                     {"entry": "selection", "dataset": source, "seed": seed})
+
+
+def run_entry(name: str, dataset: str, seed: int, out: Path, extra: dict) -> dict:
+    """One finished run: read from its file, or run now (in a child process) and write the file."""
+    model, settings, source = entry_settings(name)
+
+    def run() -> dict:
+        if source is None:
+            return _in_child(model, dataset, {**settings, **extra, "seed": seed})
+        selection = source_selection(source, seed, out, extra)
+        if selection["status"] != "ok":
+            return {"status": "failed", "error": f"selection on {source} failed: {selection['error']}"}
+        chosen = {**settings, "selected_layers": selection["selected_layers"]}
+        return _in_child(model, dataset, {**chosen, **extra, "seed": seed})
+
+    identity = {"entry": name, "model": model, "dataset": dataset, "seed": seed,
+                "settings": {**settings, **extra}}
+    return _finished(out / "runs" / dataset / name / f"seed{seed}.json", run, identity)
 
 
 def summarise(records: list[dict], entries: list[str]) -> list[dict]:
@@ -106,8 +184,10 @@ def summarise(records: list[dict], entries: list[str]) -> list[dict]:
             row[metric] = mean_ci95([r["test"][metric] for r in ok]) if ok else None
         if ok:
             row["train_seconds"] = mean_ci95([r["train_seconds"] for r in ok])[0]
-            row["users_per_second"] = mean_ci95([r["test_users"] / r["test_seconds"] for r in ok])[0]
+            row["users_per_second"] = mean_ci95([r["inference_users_per_second"] for r in ok])[0]
             row["parameters"] = ok[0]["parameters"]
+            kept = [len(r["selected_layers"]) for r in ok if r["selected_layers"] is not None]
+            row["layers"] = sum(kept) / len(kept) if kept else None
         for reference in REFERENCES:
             if reference in ndcg and reference != name:
                 row[f"p_vs_{reference}"] = paired_p_value(ndcg[name], ndcg[reference])
@@ -115,11 +195,13 @@ def summarise(records: list[dict], entries: list[str]) -> list[dict]:
     return table
 
 
-def to_markdown(table: list[dict], dataset: str) -> str:
+def to_markdown(table: list[dict], dataset: str, planned: int | None = None) -> str:
     references = [r for r in REFERENCES if any(f"p_vs_{r}" in row for row in table)]
-    header = ["entry", "seeds", *METRICS, "train s", "users/s", "parameters",
+    header = ["entry", "seeds", *METRICS, "train s", "users/s", "parameters", "layers",
               *[f"p vs {r}" for r in references]]
-    lines = [f"# Leaderboard: {dataset}", "", "| " + " | ".join(header) + " |",
+    finished = sum(row["seeds"] + row["failed"] for row in table)
+    progress = f"{finished} of {planned} planned runs (entries x seeds) finished." if planned else ""
+    lines = [f"# Leaderboard: {dataset}", "", progress, "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for row in table:
         if row["seeds"] == 0:
@@ -129,11 +211,14 @@ def to_markdown(table: list[dict], dataset: str) -> str:
             metrics = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" for m in METRICS]
             p_values = [_p(row.get(f"p_vs_{r}")) for r in references]
             seeds = f"{row['seeds']}" + (f" ({row['failed']} failed)" if row["failed"] else "")
+            layers = "–" if row["layers"] is None else f"{row['layers']:g}"
             cells = [row["entry"], seeds, *metrics, f"{row['train_seconds']:.0f}",
-                     f"{row['users_per_second']:.0f}", f"{row['parameters']:,}", *p_values]
+                     f"{row['users_per_second']:.0f}", f"{row['parameters']:,}", layers, *p_values]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Metrics: mean ± 95 % CI half-width over seeds (Student's t). p: paired t-test of NDCG@10 "
-              "over shared seeds (– when fewer than 2 or identical)."]
+    lines += ["", "Metrics: mean ± 95 % CI half-width over seeds (Student's t). train s: RecBole's fit. "
+              "users/s: full_sort_predict on the first test users, from scratch (backbone included). "
+              "layers: transformer layers kept. p: paired t-test of NDCG@10 over shared seeds (– when "
+              "fewer than 2 or identical)."]
     return "\n".join(lines)
 
 
@@ -145,7 +230,8 @@ def to_csv(table: list[dict]) -> str:
     buffer = io.StringIO()
     fields = ["entry", "seeds", "failed", "error"]
     fields += [f"{metric}_{part}" for metric in METRICS for part in ("mean", "ci95")]
-    fields += ["train_seconds", "users_per_second", "parameters"] + [f"p_vs_{r}" for r in REFERENCES]
+    fields += ["train_seconds", "users_per_second", "parameters", "layers"]
+    fields += [f"p_vs_{r}" for r in REFERENCES]
     writer = csv.DictWriter(buffer, fields)
     writer.writeheader()
     for row in table:
@@ -157,34 +243,114 @@ def to_csv(table: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def plot_leaderboard(table: list[dict], dataset: str, path: Path) -> None:
+    """NDCG@10 (mean with 95 % CI) and inference throughput of every entry with results, side by side."""
+    rows = [row for row in table if row["seeds"]]
+    figure = Figure(figsize=(11, 1.2 + 0.4 * len(rows)), layout="constrained")
+    FigureCanvasAgg(figure)
+    quality, speed = figure.subplots(1, 2, sharey=True)
+    positions = range(len(rows))
+    quality.barh(positions, [row["ndcg@10"][0] for row in rows], xerr=[row["ndcg@10"][1] for row in rows],
+                 color="tab:blue", capsize=3)
+    quality.set_yticks(positions, [f"{row['entry']} (n={row['seeds']})" for row in rows])
+    quality.invert_yaxis()
+    quality.set_xlabel("test NDCG@10 (mean, 95 % CI)")
+    speed.barh(positions, [row["users_per_second"] for row in rows], color="tab:orange")
+    speed.set_xscale("log")
+    speed.set_xlabel("inference users/s (log)")
+    figure.suptitle(f"{dataset}: RecBole full ranking, leave-one-out by time")
+    save_figure(figure, path)
+
+
+_FRONTIER_ENTRY = re.compile(r"LayerSelLLM-(importance(-k[0-9]+)?|full)")
+
+
+def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, path: Path) -> bool:
+    """NDCG@10 against layers kept for LayerSelLLM-importance[-k<k>] and LayerSelLLM-full, with the
+    benchmark's speed-ups on a second axis; False (nothing drawn) with fewer than two sizes."""
+    by_size: dict[int, list[float]] = {}
+    for record in records:
+        if record["status"] == "ok" and _FRONTIER_ENTRY.fullmatch(record["entry"]):
+            by_size.setdefault(len(record["selected_layers"]), []).append(record["test"]["ndcg@10"])
+    if len(by_size) < 2:
+        return False
+    sizes = sorted(by_size)
+    summary = [mean_ci95(by_size[k]) for k in sizes]
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.errorbar(sizes, [m for m, _ in summary], yerr=[h for _, h in summary], marker="o", capsize=3,
+                  color="tab:blue", label="NDCG@10 (importance selection; all = full model)")
+    for k, (mean, _) in zip(sizes, summary, strict=True):
+        axes.annotate(f"n={len(by_size[k])}", (k, mean), textcoords="offset points", xytext=(4, 4),
+                      fontsize=7)
+    axes.set_xlabel("transformer layers kept (k)")
+    axes.set_ylabel("test NDCG@10", color="tab:blue")
+    if bench:
+        twin = axes.twinx()
+        twin.plot([r["k"] for r in bench], [r["speedup"] for r in bench], marker="s", color="tab:red",
+                  label="measured speed-up vs all layers")
+        twin.plot([r["k"] for r in bench], [r["ideal"] for r in bench], linestyle=":", color="tab:red",
+                  label="ideal L/k")
+        twin.set_ylabel("speed-up (bench.py)", color="tab:red")
+        twin.legend(loc="center right", fontsize=8)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_title(f"{dataset}: quality vs layers kept")
+    save_figure(figure, path)
+    return True
+
+
+def write_tables(records: list[dict], entries: list[str], dataset: str, out: Path, planned: int,
+                 bench: list[dict] | None) -> str:
+    table = summarise(records, entries)
+    markdown = to_markdown(table, dataset, planned)
+    write_atomic(out / f"{dataset}.md", markdown)
+    write_atomic(out / f"{dataset}.csv", to_csv(table).rstrip("\n"))
+    if any(row["seeds"] for row in table):
+        plot_leaderboard(table, dataset, out / f"{dataset}.png")
+    plot_frontier(records, dataset, bench, out / f"{dataset}-frontier.png")
+    return markdown
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--entries", nargs="+", default=list(ENTRIES))
+    parser.add_argument("--entries", nargs="+", default=DEFAULT_ENTRIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
     parser.add_argument("--out", default="results")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="settings for every run, e.g. epochs=1 (values parsed as JSON when they can be)")
+    parser.add_argument("--bench", default=None, help="bench.json whose speed-ups the frontier plot shows")
+    parser.add_argument("--set", nargs="*", default=[], metavar="[ENTRY.]KEY=VALUE",
+                        help="settings for every run, e.g. epochs=1, or for one entry, e.g. SASRec.epochs=5 "
+                             "(values parsed as JSON when they can be)")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.entries if name not in ENTRIES]
-    if unknown:
-        print(f"error: unknown entries {unknown}; choose from {', '.join(ENTRIES)}", file=sys.stderr)
+    try:
+        for name in args.entries:
+            entry_settings(name)
+    except LayerSelError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    extra = {}
+    extra = {name: {} for name in args.entries}
     for item in args.set:
         key, _, value = item.partition("=")
         try:
-            extra[key] = json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
-            extra[key] = value
-    out = Path(args.out)
-    records = [run_entry(name, args.dataset, seed, out, extra)
-               for name in args.entries for seed in args.seeds]
-    table = summarise(records, args.entries)
-    write_atomic(out / f"{args.dataset}.md", to_markdown(table, args.dataset))
-    write_atomic(out / f"{args.dataset}.csv", to_csv(table).rstrip("\n"))
-    print(to_markdown(table, args.dataset))
+            pass
+        entry, _, entry_key = key.rpartition(".")
+        for name in [entry] if entry else args.entries:
+            if name not in extra:
+                print(f"error: --set {item!r} names entry {name!r}, which is not among --entries",
+                      file=sys.stderr)
+                return 2
+            extra[name][entry_key] = value
+    bench = json.loads(Path(args.bench).read_text(encoding="utf-8")) if args.bench else None
+    out, planned, records = Path(args.out), len(args.entries) * len(args.seeds), []
+    for seed in args.seeds:  # seed by seed: a leaderboard stopped early has every entry on its first seeds
+        for name in args.entries:
+            records.append(run_entry(name, args.dataset, seed, out, extra[name]))
+            markdown = write_tables(records, args.entries, args.dataset, out, planned, bench)
+    print(markdown)
     return 0
 
 

@@ -25,6 +25,7 @@ Reference:
 
 import hashlib
 import logging
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -120,6 +121,29 @@ def add_lora(backbone: CompactBackbone, r: int, alpha: int, dropout: float, targ
         parameter.requires_grad = "lora_" in name or name.startswith("bridges.")
 
 
+def check_int8(quantize, train_mode: str, device, llm_dtype: str) -> None:
+    if quantize != "int8":
+        raise LayerSelError(f"quantize={quantize!r}; use int8 (torch dynamic quantisation) or ~ for none.")
+    if train_mode != "frozen" or torch.device(device).type != "cpu" or llm_dtype != "float32":
+        raise LayerSelError(
+            "quantize=int8 runs torch's dynamic quantisation, which has CPU float32 kernels and no "
+            f"gradients: it needs train_mode=frozen, device cpu and llm_dtype=float32, not "
+            f"train_mode={train_mode!r}, device {device}, llm_dtype={llm_dtype!r}. "
+            "Use use_gpu=False train_mode=frozen, or drop quantize."
+        )
+
+
+def quantize_int8(backbone: CompactBackbone) -> CompactBackbone:
+    """The backbone with every ``nn.Linear`` (layer projections, bridges) replaced by torch's dynamic
+    int8 version: weights stored in int8, activations quantised on the fly per batch."""
+    with warnings.catch_warnings():
+        # torch >= 2.10 deprecates eager-mode quantisation in favour of torchao; the issue asks for
+        # torch's own dynamic quantisation as the compression baseline, so it is used knowingly.
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(backbone, {nn.Linear}, dtype=torch.qint8)
+
+
 def llm_fingerprint(path: Path) -> dict:
     """What identifies a local model's weights for caches: its path and each file's size and mtime."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
@@ -138,6 +162,9 @@ class LayerSelLLM(SequentialRecommender):
             raise LayerSelError(f"train_mode={self.train_mode!r}; use one of {TRAIN_MODES}.")
         if config["llm_dtype"] not in DTYPES:
             raise LayerSelError(f"llm_dtype={config['llm_dtype']!r}; use one of {', '.join(DTYPES)}.")
+        self.quantize, self.quantized, self._warned_int8_export = config["quantize"], False, False
+        if self.quantize is not None:
+            check_int8(self.quantize, self.train_mode, config["device"], config["llm_dtype"])
         if self.train_mode == "frozen":
             self._check_histories_fit(dataset)
 
@@ -177,7 +204,8 @@ class LayerSelLLM(SequentialRecommender):
         else:
             backbone = CompactBackbone(llm, select_layers(
                 num_source_layers, selected_layers=explicit, strategy=config["layer_strategy"],
-                num_layers=config["num_layers"], seed=config["seed"]), mlp_bridges=config["mlp_bridges"])
+                num_layers=config["num_layers"], seed=config["seed"]), mlp_bridges=config["mlp_bridges"],
+                bridge_rank=config["bridge_rank"])
             self._source_llm = ()
         del llm  # without hooks, the unselected layers, token embeddings and any head are freed here
         self.compact = CompactRecommender(backbone, encoded["inputs"], encoded["outputs"],
@@ -204,7 +232,17 @@ class LayerSelLLM(SequentialRecommender):
         export (``<checkpoint>.layersel/``), which ``recommend`` loads safely."""
         from recbole_layersel.export import export_compact  # export.py imports this module
 
+        if self.quantized:
+            if not self._warned_int8_export:
+                logger.warning("quantize=int8: no pickle-free export beside the checkpoints (int8 layers "
+                               "hold packed weights, not tensors); the RecBole checkpoint is the only copy.")
+                self._warned_int8_export = True
+            return
         export_compact(self, Path(checkpoint_file).with_suffix(".layersel"))
+
+    def drop_cached_states(self) -> None:
+        """Forget the frozen states, so that the next scoring runs the backbone (inference timing)."""
+        self.frozen_states.clear()
 
     @property
     def selected_layers(self) -> list[int]:
@@ -217,17 +255,24 @@ class LayerSelLLM(SequentialRecommender):
         else:
             backbone.requires_grad_(False)
 
-    def before_training(self, train_data, *eval_data) -> None:
-        """The pre-training hooks (``hooks.py``) while the full model is still here; then, in frozen
-        mode, one backbone pass per user over its longest history in any of the loaders."""
+    def run_hooks(self, train_data, valid_data) -> None:
+        """The pre-training hooks (``hooks.py``), while the full model is still here; then the compact
+        backbone is made ready to train (and quantised, with ``quantize: int8``). Runs once."""
         if self._source_llm:
             (llm,) = self._source_llm
-            valid_data = eval_data[0] if eval_data else train_data
             self.compact.backbone = run_pretraining_hooks(self, llm, train_data, valid_data).to(self.device)
             self._source_llm = ()  # frees the source model and every unselected layer
             self._prepare_backbone_for_training()
             total = self.compact.backbone.num_source_layers
             logger.info(f"Compact backbone: layers {self.selected_layers} of {total}")
+        if self.quantize and not self.quantized:
+            self.compact.backbone = quantize_int8(self.compact.backbone)
+            self.quantized = True
+
+    def before_training(self, train_data, *eval_data) -> None:
+        """`run_hooks`; then, in frozen mode, one backbone pass per user over its longest history in any
+        of the loaders."""
+        self.run_hooks(train_data, eval_data[0] if eval_data else train_data)
         longest: dict[int, tuple[int, torch.Tensor, int]] = {}  # user -> (length, history, next item)
         for loader in (train_data, *eval_data):
             rows = loader._dataset.inter_feat

@@ -6,6 +6,7 @@ import time
 from logging import getLogger
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
@@ -50,6 +51,11 @@ def check_config(config) -> None:
             f"export_dir={config['export_dir']!r} is set, but {config['model']} has no compact export; "
             "only LayerSelLLM exports. Remove export_dir."
         )
+    if config["export_dir"] and config["quantize"]:
+        raise LayerSelError(
+            f"export_dir={config['export_dir']!r} with quantize={config['quantize']!r}: int8 models cannot "
+            "be exported (packed weights, not tensors). Remove one of the two."
+        )
     title_field = config["title_field"] if getattr(config.model_class, "needs_titles", False) else None
     check_dataset_files(config["data_path"], config["dataset"], title_field)
     if title_field is not None:
@@ -79,6 +85,9 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = config.model_class(config, train_data._dataset).to(config["device"])
     logger.info(model)
+    if config["hooks_only"]:  # LayerSelLLM: choose layers (e.g. to reuse on another dataset), no training
+        model.run_hooks(train_data, valid_data)
+        return {"selected_layers": model.selected_layers}
     if hasattr(model, "before_training"):  # e.g. LayerSelLLM's frozen backbone states
         model.before_training(train_data, valid_data, test_data)
 
@@ -91,6 +100,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     start = time.perf_counter()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     test_seconds = time.perf_counter() - start
+    users_per_second = inference_throughput(model, test_data)
 
     if config["export_dir"]:
         logger.info(set_color("exported", "yellow") + f": {export_compact(model, config['export_dir'])}")
@@ -104,10 +114,12 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
         # For leaderboards: training time (fit, hooks excluded), test time (checkpoint reload included),
-        # users scored in the test, and parameter counts.
+        # users scored in the test, inference throughput, parameter counts and the layers kept.
         "train_seconds": train_seconds,
         "test_seconds": test_seconds,
         "test_users": len(test_data._dataset),
+        "inference_users_per_second": users_per_second,
+        "selected_layers": getattr(model, "selected_layers", None),
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
@@ -116,6 +128,23 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     if config["local_rank"] == 0 and queue is not None:
         queue.put(result)
     return result
+
+
+@torch.no_grad()
+def inference_throughput(model, test_data, max_users: int = 256) -> float:
+    """Users per second of ``full_sort_predict`` over the test loader's first batches (at least
+    ``max_users`` users), from scratch: states a model cached during training (LayerSelLLM's frozen
+    backbone states) are dropped first, so the figure includes the backbone pass."""
+    model.eval()
+    if hasattr(model, "drop_cached_states"):
+        model.drop_cached_states()
+    users, start = 0, time.perf_counter()
+    for interaction, *_ in test_data:
+        model.full_sort_predict(interaction.to(model.device))
+        users += len(interaction)
+        if users >= max_users:
+            break
+    return users / (time.perf_counter() - start)
 
 
 def _run_rank(rank, model, dataset, config_file_list, kwargs):

@@ -165,6 +165,30 @@ def test_bridge_regularizers_measure_distance_from_identity():
     assert linear.proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("kind", ["linear", "residual"])
+def test_low_rank_bridges_start_as_identity_and_penalise_their_change(kind):
+    bridge = Bridge(kind, HIDDEN, rank=2)
+    hidden = torch.randn(3, 5, HIDDEN)
+    assert torch.equal(bridge(hidden), hidden) and bridge.regularizer().item() == 0.0
+    assert sum(p.numel() for p in bridge.parameters()) == 2 * 2 * HIDDEN  # U and V, not H x H
+    with torch.no_grad():
+        bridge.up.weight.normal_()
+    change = bridge.up.weight @ bridge.down.weight  # W - I (linear) or W (residual), rank 2
+    assert torch.allclose(bridge(hidden), hidden + hidden @ change.T, atol=1e-5)
+    assert bridge.regularizer().item() == pytest.approx(change.pow(2).sum().item(), rel=1e-4)
+
+
+def test_bridge_rank_at_or_above_hidden_size_is_full_rank():
+    assert Bridge("linear", HIDDEN, rank=HIDDEN).proj.weight.shape == (HIDDEN, HIDDEN)
+    assert not Bridge("mlp", HIDDEN, rank=2).low_rank  # the MLP bridge has its own bottleneck
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True])
+def test_bridge_rejects_bad_rank(rank):
+    with pytest.raises(ValueError, match=f"bridge_rank={rank!r}; use a positive integer"):
+        Bridge("linear", HIDDEN, rank=rank)
+
+
 def test_bridge_rejects_unknown_kind():
     with pytest.raises(ValueError, match="'conv'.*identity"):
         Bridge("conv", HIDDEN)

@@ -66,3 +66,61 @@ def test_a_failing_entry_is_reported_as_failed(tiny, tmp_path):
     markdown = to_markdown(table, "tiny")
     assert "| broken | failed (1): LayerSelError: dataset 'missing-dataset' not found" in markdown
     assert "broken,0,1," in to_csv(table)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("BPR", ("BPR", {}, None)),
+    ("LayerSelLLM-random", ("LayerSelLLM", {"layer_strategy": "random"}, None)),
+    ("LayerSelLLM-importance-k4", ("LayerSelLLM", {"layer_strategy": "importance", "num_layers": 4}, None)),
+    ("LayerSelLLM-importance-int8",
+     ("LayerSelLLM", {"layer_strategy": "importance", "quantize": "int8"}, None)),
+    ("LayerSelLLM-importance@amazon-electronics",
+     ("LayerSelLLM", {"layer_strategy": "importance"}, "amazon-electronics")),
+])
+def test_entry_names_say_what_runs(name, expected):
+    assert leaderboard.entry_settings(name) == expected
+
+
+@pytest.mark.parametrize("name", ["LayerSelLLM-best", "GRU", "LayerSelLLM-importance-kx"])
+def test_unknown_entries_are_named_before_anything_runs(name, tmp_path, capsys):
+    assert leaderboard.main(["--dataset", "tiny", "--entries", name, "--out", str(tmp_path)]) == 2
+    assert f"unknown entry {name!r}" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_cross_domain_entries_reuse_the_source_selection_of_the_same_seed(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_child(model, dataset, config_dict):
+        calls.append((dataset, config_dict))
+        if config_dict.get("hooks_only"):
+            return {"status": "ok", "selected_layers": [3, 7]}
+        return {"status": "ok", "test": {}, "selected_layers": config_dict["selected_layers"]}
+
+    monkeypatch.setattr(leaderboard, "_in_child", fake_child)
+    record = run_entry("LayerSelLLM-importance@source", "target", 5, tmp_path, {"epochs": 1})
+    assert [dataset for dataset, _ in calls] == ["source", "target"]
+    assert calls[0][1] == {"epochs": 1, "layer_strategy": "importance", "hooks_only": True,
+                           "distill_steps": 0, "seed": 5}
+    assert calls[1][1]["selected_layers"] == [3, 7] and record["selected_layers"] == [3, 7]
+    assert (tmp_path / "runs" / "source" / "selection" / "seed5.json").is_file()
+    run_entry("LayerSelLLM-importance-k2@source", "target", 5, tmp_path, {})  # the selection is reused
+    assert [dataset for dataset, _ in calls] == ["source", "target", "target"]
+
+
+def test_charts_are_written_and_the_frontier_needs_two_sizes(tmp_path):
+    def record(entry, seed, layers, ndcg):
+        test = dict.fromkeys(leaderboard.METRICS, ndcg)
+        return {"entry": entry, "seed": seed, "status": "ok", "test": test, "train_seconds": 1.0,
+                "inference_users_per_second": 10.0 * len(layers), "parameters": 5, "selected_layers": layers}
+
+    records = [record("LayerSelLLM-importance", s, [0, 1], 0.1 + s / 100) for s in (1, 2)]
+    assert not leaderboard.plot_frontier(records, "tiny", None, tmp_path / "frontier.png")
+    records += [record("LayerSelLLM-full", s, [0, 1, 2, 3], 0.2) for s in (1, 2)]
+    bench = [{"k": 2, "speedup": 1.9, "ideal": 2.0}, {"k": 4, "speedup": 1.0, "ideal": 1.0}]
+    assert leaderboard.plot_frontier(records, "tiny", bench, tmp_path / "frontier.png")
+    entries = ["LayerSelLLM-importance", "LayerSelLLM-full", "BPR"]
+    markdown = leaderboard.write_tables(records, entries, "tiny", tmp_path, 6, bench)
+    assert "4 of 6 planned runs (entries x seeds) finished." in markdown
+    assert "| LayerSelLLM-full | 2 | 0.2000 ± 0.0000" in markdown and "| 40 | 5 | 4 |" in markdown
+    for name in ("tiny.md", "tiny.csv", "tiny.png", "tiny-frontier.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -147,6 +147,51 @@ def test_export_then_import_reproduces_the_scores_exactly(build, mode, tmp_path)
     assert [p.name for p in export_dir.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_int8_quantises_the_kept_layers_and_still_trains(build, tmp_path):
+    model, loaders = build("llama", quantize="int8", selected_layers=[0, 2, 5])
+    reference, _ = build("llama", selected_layers=[0, 2, 5])
+    reference.compact.load_state_dict(model.compact.state_dict())
+    model.before_training(*loaders)
+    reference.before_training(*loaders)
+    modules = list(model.compact.backbone.modules())
+    linears = [m for m in modules if type(m) is torch.nn.Linear]
+    int8 = [m for m in modules if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert not linears and len(int8) == 3 * 7 + 2  # 7 projections per layer, 2 bridges
+    interaction = first_eval_batch(loaders[2])
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        quantised, exact = model.full_sort_predict(interaction), reference.full_sort_predict(interaction)
+    error = (quantised - exact).abs().max() / exact.abs().max()
+    assert not torch.equal(quantised, exact) and error < 0.05  # int8 rounding, not a different model
+    losses = train_steps(model, loaders[0], 60)
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
+    with pytest.raises(LayerSelError, match="quantize=int8 models cannot be exported"):
+        export_compact(model, tmp_path / "export")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"quantize": "int4"}, "quantize='int4'; use int8"),
+    ({"quantize": "int8", "train_mode": "lora"}, "needs train_mode=frozen, device cpu and llm_dtype=float32"),
+])
+def test_bad_quantize_settings_are_named(build, settings, message):
+    with pytest.raises(LayerSelError, match=message):
+        build("llama", **settings)
+
+
+def test_dropped_states_are_recomputed_by_the_backbone(build):
+    model, loaders = build("llama")
+    model.before_training(*loaders)
+    calls = []
+    model.compact.backbone.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    interaction = first_eval_batch(loaders[2])
+    model.eval()
+    with torch.no_grad():
+        cached = model.full_sort_predict(interaction)
+        model.drop_cached_states()
+        recomputed = model.full_sort_predict(interaction)
+    assert sum(calls) == len(interaction) and torch.allclose(cached, recomputed, atol=1e-5)
+
+
 def test_title_embeddings_are_cached_per_settings(build, monkeypatch):
     build("llama")
     monkeypatch.setattr(model_module, "encode_titles", lambda *a, **k: pytest.fail("cache not reused"))

@@ -1,6 +1,7 @@
 """run_recbole.py end to end: RecBole baselines train and reload their best checkpoint, datasets load
 with titles, and every bad input stops with one clear message before anything is written."""
 
+import json
 import subprocess
 import sys
 
@@ -8,11 +9,12 @@ import pytest
 from recbole.data import create_dataset
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_layersel import registry
+from recbole_layersel import quick_start, registry
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.quick_start import check_dataset_files, run_recbole
+from recbole_layersel.quick_start import check_dataset_files, inference_throughput, run_recbole
 from recbole_layersel.registry import LayerSelConfig
 from tests.conftest import REPO_ROOT, SHARED_DATA, write_atomic_dataset
+from tests.tiny_models import CONFIGS, save_tiny_llm
 
 SMALL_SASREC = ["--hidden_size=16", "--inner_size=32", "--n_heads=1", "--n_layers=1"]
 
@@ -93,3 +95,41 @@ def test_check_dataset_files_names_the_missing_item_file(tmp_path):
     check_dataset_files(str(folder), "noitem")
     with pytest.raises(LayerSelError, match=r"no item file .*noitem.item"):
         check_dataset_files(str(folder), "noitem", title_field="title")
+
+
+def tiny_llm_run(tmp_path, **settings):
+    write_atomic_dataset(tmp_path / "data", "tiny")
+    save_tiny_llm(tmp_path / "llm", CONFIGS["llama"]())
+    return run_recbole("LayerSelLLM", "tiny", config_dict={
+        "data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "saved"),
+        "llm_path": str(tmp_path / "llm"), "llm_cache_dir": str(tmp_path / "cache"),
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
+        "title_field": "title", "embedding_size": 8, "title_max_tokens": 6, "num_layers": 3,
+        "artifacts_dir": str(tmp_path / "artifacts"), "show_progress": False, "epochs": 1, **HOOKS_SMALL,
+        **settings})
+
+
+HOOKS_SMALL = {"distill_steps": 5, "importance_sample_users": 8, "importance_max_items": 6,
+               "importance_warmup_steps": 2, "selection_sample_users": 8}
+
+
+def test_hooks_only_chooses_layers_without_training(tmp_path, argv):
+    result = tiny_llm_run(tmp_path, hooks_only=True)
+    selection = json.loads((tmp_path / "artifacts" / "selection.json").read_text())
+    assert result == {"selected_layers": selection["selected"]} and 1 <= len(selection["selected"]) <= 3
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_run_reports_its_layers_and_an_inference_throughput_that_runs_the_backbone(tmp_path, argv,
+                                                                                  monkeypatch):
+    calls = []
+    original = inference_throughput
+
+    def counted(model, test_data, max_users=256):
+        model.compact.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+        return original(model, test_data, max_users)
+
+    monkeypatch.setattr(quick_start, "inference_throughput", counted)
+    result = tiny_llm_run(tmp_path, layer_strategy="uniform")
+    assert result["selected_layers"] == [0, 2, 5] and result["inference_users_per_second"] > 0
+    assert sum(calls) == result["test_users"]  # every test user's history went through the backbone
