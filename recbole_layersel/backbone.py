@@ -279,7 +279,8 @@ class CompactBackbone(nn.Module):
                 hidden_states = layer(
                     hidden_states, attention_mask=masks[layer_type], **layer_kwargs[layer_type]
                 )
-                per_layer.append(hidden_states)
+                if output_hidden_states:  # kept only when asked: each is a (B, T, H) tensor
+                    per_layer.append(hidden_states)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -1,86 +1,260 @@
-"""Compact vs full backbone speed, side by side in one process, on the same batches.
+"""Full vs compact LayerSelLLM scoring cost, side by side in one process, on the same batches.
 
-    python -m recbole_layersel.bench --llm-path smollm2-135m --num-layers 8 --batch-size 64 --seq-len 50
+    python -m recbole_layersel.bench --llm-path smollm2-135m --num-layers 1 2 4 8 16 --repeats 20
 
-The full model is the LLM's own forward over ``inputs_embeds`` (all L layers, no cache); each compact
-model is a ``CompactBackbone`` of k layers built from a copy of it. Calls are interleaved (full, then
-each k, repeated) so that machine noise hits all of them alike, and only ratios are reported:
-speed-up = median full time / median compact time, next to the ideal L / k.
+What is timed is ``CompactRecommender.full_sort_scores`` (what ``LayerSelLLM.full_sort_predict`` computes
+in LoRA / served mode: backbone over the history's title embeddings, heads, scores of every item). The
+"full" model is a ``CompactRecommender`` over all L layers (equal to the LLM's own forward); each compact
+one keeps k layers chosen by ``--strategy``, bridges included, and the rows end with k = L ("all").
+Title embeddings are synthetic (input embeddings of random tokens), the histories random item ids: the
+cost does not depend on which items they are. Calls are interleaved (full, then every k, repeated after
+one warm-up round) so that machine noise hits all models alike, and the report gives ratios to the full
+model: median and p95 latency, throughput, parameters and peak memory, next to the ideal L / k. A model's
+peak memory is the bytes of its parameters and buffers plus the most one call allocates on top of them.
+
+Writes ``bench.md`` (machine line and table), ``bench.json`` (rows, with the absolute numbers behind
+each ratio) and ``speedup.png`` (speed-up vs k with the ideal L / k line) to ``--out``.
 """
 
 import argparse
-import statistics
-import time
+import json
+import platform
+import shlex
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from time import perf_counter
 
+import numpy as np
 import torch
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import save_figure, write_atomic
 from recbole_layersel.llm import load_llm
-from recbole_layersel.selection import select_layers
+from recbole_layersel.model import DTYPES, CompactRecommender
+from recbole_layersel.registry import PROPERTIES_DIR
+from recbole_layersel.selection import DATA_FREE_STRATEGIES, select_layers
+
+DEFAULT_KS = (1, 2, 4, 8, 16)
 
 
-@torch.no_grad()
-def benchmark(llm_path: str, num_layers: list[int], *, batch_size: int = 64, seq_len: int = 50,
-              repeats: int = 5, strategy: str = "uniform") -> list[dict]:
-    """One row per k: ``{"k", "layers", "speedup", "ideal", "efficiency"}``."""
-    full, _ = load_llm(llm_path)
-    total = full.config.num_hidden_layers
-    generator = torch.Generator().manual_seed(0)
-    token_ids = torch.randint(full.config.vocab_size, (batch_size, seq_len), generator=generator)
-    inputs_embeds = full.get_input_embeddings()(token_ids)
-    attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long)
-    # The compact backbones share the full model's layer modules (no copies): the weights they read sit
-    # where the full model's do, and building one only renumbers layer_idx (used by KV caches, which no
-    # call here has) and re-points configs with the same attention implementation.
-    compacts = {k: CompactBackbone(full, select_layers(total, strategy=strategy, num_layers=k))
-                for k in num_layers}
+def peak_memory_bytes(call, device: torch.device) -> int:
+    """Peak bytes allocated during one ``call()`` beyond what was allocated before it (its output included).
 
-    def run_full():
-        full(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
-
-    calls = {"full": run_full}
-    calls |= {k: (lambda c=c: c(inputs_embeds, attention_mask)) for k, c in compacts.items()}
-    times = {name: [] for name in calls}
-    for call in calls.values():  # warm-up: first calls allocate and pick kernels
+    CUDA: the caching allocator's own peak counter. CPU has none, so the profiler records every
+    allocation and free (with their sizes) and the running total, taken in time order, gives the peak.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         call()
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    full_median = statistics.median(times["full"])
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    # The raw kineto events: the profiler's FunctionEvents fold allocations into the ops that made them.
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):  # stable: same-time events keep their order
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each shared tensor once)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LayerSelError(f"--device {name} asked for, but torch {torch.__version__} sees no CUDA GPU; "
+                            "use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise LayerSelError(f"--device {name}: use cpu or cuda[:index].")
+    return device
+
+
+def _machine(device: torch.device) -> dict:
+    if device.type == "cuda":
+        processor = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        processor = names[0] if names else platform.processor() or platform.machine()
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+            "processor": processor, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def benchmark(llm_path: str, num_layers=DEFAULT_KS, *, batch_size: int = 64, seq_len: int = 50,
+              num_items: int = 1682, repeats: int = 10, strategy: str = "uniform",
+              bridge_rank: int | None = None, device: str = "cpu", dtype: str = "float32",
+              embedding_size: int = 128, seed: int = 0) -> dict:
+    """Time the full and the compact models; return ``{"machine", "settings", "full", "rows"}``.
+
+    One row per k in `num_layers` below L, then k = L. `bridge_rank` goes to every ``CompactBackbone``
+    (None: full-rank bridges).
+    """
+    if repeats < 1:
+        raise LayerSelError(f"repeats={repeats}; time each model at least once.")
+    device = _device(device)
+    llm, _ = load_llm(llm_path, dtype=DTYPES[dtype])
+    llm.to(device)
+    total = llm.config.num_hidden_layers
+    ks = sorted({k for k in num_layers if 1 <= k < total}) + [total]
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # row 0 is RecBole's padding item, which has no title
+        embed = llm.get_input_embeddings()
+        titles = [embed(torch.randint(llm.config.vocab_size, (num_items + 1,), generator=generator)
+                        .to(device)).float() for _ in range(2)]
+        for title in titles:
+            title[0] = 0
+    item_seq = torch.randint(1, num_items + 1, (batch_size, seq_len), generator=generator).to(device)
+    item_seq_len = torch.full((batch_size,), seq_len, device=device)
+
+    # The compact backbones hold the full model's own layer modules (no copies, which would put their
+    # weights elsewhere in memory and distort the timings); reseeding gives every model the same heads.
+    selections = {"full": list(range(total))}
+    selections |= {k: select_layers(total, strategy=strategy, num_layers=k, seed=seed) for k in ks}
+    models = {}
+    for name, layers in selections.items():
+        backbone = CompactBackbone(llm, layers, bridge_rank=bridge_rank)
+        torch.manual_seed(seed)
+        models[name] = CompactRecommender(backbone, *titles, embedding_size).to(device).eval()
+    del llm, embed  # frees the token embeddings, which no model uses
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = {name: [] for name in models}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):  # round 0 warms up: first calls allocate and pick kernels
+            for name, model in models.items():
+                sync()
+                start = perf_counter()
+                model.full_sort_scores(item_seq, item_seq_len)
+                sync()
+                if round_:
+                    times[name].append(perf_counter() - start)
+        peaks = {name: tensor_bytes(model) + peak_memory_bytes(
+                     lambda m=model: m.full_sort_scores(item_seq, item_seq_len), device)
+                 for name, model in models.items()}
+
+    def measures(name) -> dict:
+        t = np.array(times[name])
+        return {"median_s": float(np.median(t)), "p95_s": float(np.percentile(t, 95)),
+                "users_per_s": batch_size * len(t) / float(t.sum()),  # over all repeats, not the median
+                "params": sum(p.numel() for p in models[name].parameters()), "peak_bytes": peaks[name]}
+
+    full = measures("full")
     rows = []
-    for k, compact in compacts.items():
-        speedup = full_median / statistics.median(times[k])
-        rows.append({"k": k, "layers": compact.selected_layers, "speedup": speedup, "ideal": total / k,
-                     "efficiency": speedup / (total / k)})
-    return rows
+    for k in ks:
+        m = measures(k)
+        speedup = full["median_s"] / m["median_s"]
+        rows.append({"k": k, "layers": models[k].backbone.selected_layers, "speedup": speedup,
+                     "p95_speedup": full["p95_s"] / m["p95_s"],
+                     "throughput_ratio": m["users_per_s"] / full["users_per_s"],
+                     "ideal": total / k, "share_of_ideal": speedup / (total / k),
+                     "params_ratio": m["params"] / full["params"],
+                     "peak_memory_ratio": m["peak_bytes"] / full["peak_bytes"], "absolute": m})
+    settings = {"llm_path": llm_path, "total_layers": total, "strategy": strategy,
+                "bridge_rank": bridge_rank, "batch_size": batch_size,
+                "seq_len": seq_len, "num_items": num_items, "repeats": repeats, "dtype": dtype,
+                "embedding_size": embedding_size, "seed": seed}
+    return {"machine": _machine(device), "settings": settings, "full": full, "rows": rows}
 
 
-def markdown_table(rows: list[dict], total_layers: int) -> str:
-    lines = [f"| k of {total_layers} | speed-up vs full | ideal L/k | share of ideal |",
-             "|---:|---:|---:|---:|"]
-    lines += [f"| {r['k']} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {100 * r['efficiency']:.0f} % |"
-              for r in rows]
+def markdown_table(result: dict) -> str:
+    total, full = result["settings"]["total_layers"], result["full"]
+    lines = [f"Ratios to the full model ({total} layers, {full['params']:,} parameters without token "
+             "embeddings); speed-ups and throughput: higher is faster; parameters and peak memory: lower "
+             "is smaller.", "",
+             f"| k of {total} | speed-up (median) | speed-up (p95) | throughput | ideal L/k | share of ideal "
+             "| parameters | peak memory |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['k'] if r['k'] < total else f'all ({total})'} | {r['speedup']:.2f}x "
+              f"| {r['p95_speedup']:.2f}x | {r['throughput_ratio']:.2f}x | {r['ideal']:.2f}x "
+              f"| {100 * r['share_of_ideal']:.0f} % | {r['params_ratio']:.3f} "
+              f"| {r['peak_memory_ratio']:.3f} |"
+              for r in result["rows"]]
     return "\n".join(lines)
 
 
-def main() -> None:
+def write_report(result: dict, out_dir: Path, command: str) -> None:
+    """``bench.md``, ``bench.json`` and ``speedup.png`` in `out_dir`, each written atomically."""
+    machine, settings = result["machine"], result["settings"]
+    header = (f"torch {machine['torch']}, {machine['threads']} threads, {machine['device']} "
+              f"({machine['processor']}), {machine['date']}; {settings['batch_size']} users x "
+              f"{settings['seq_len']} items of {settings['num_items']}, {settings['strategy']} layers, "
+              f"bridge rank {settings['bridge_rank'] or 'full'}, {settings['dtype']}, "
+              f"{settings['repeats']} repeats")
+    out_dir = Path(out_dir)
+    write_atomic(out_dir / "bench.md", f"# Compact vs full: full_sort_predict\n\n{header}\n\n"
+                                       f"    {command}\n\n{markdown_table(result)}")
+    write_atomic(out_dir / "bench.json", json.dumps({**result, "command": command}, indent=1))
+
+    ks = [r["k"] for r in result["rows"]]
+    figure = Figure(figsize=(5, 4), layout="constrained")
+    FigureCanvasAgg(figure)  # no display, no pyplot state
+    axes = figure.add_subplot()
+    axes.plot(ks, [r["ideal"] for r in result["rows"]], "--", color="grey", label="ideal L / k")
+    axes.plot(ks, [r["speedup"] for r in result["rows"]], "o-", label="measured (median)")
+    axes.set(xscale="log", yscale="log", xlabel="k (layers kept)", ylabel="speed-up vs full model",
+             title=f"{Path(settings['llm_path']).name}, L = {settings['total_layers']}")
+    axes.minorticks_off()  # log axes otherwise label minor ticks as 2x10^1
+    axes.set_xticks(ks, [str(k) for k in ks])
+    ideals = sorted({r["ideal"] for r in result["rows"]})
+    axes.set_yticks(ideals, [f"{i:.3g}x" for i in ideals])
+    axes.legend()
+    save_figure(figure, out_dir / "speedup.png")
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m recbole_layersel.bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llm-path", default="smollm2-135m")
-    parser.add_argument("--num-layers", type=int, nargs="+", default=[8])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--strategy", default="uniform")
-    args = parser.parse_args()
-    rows = benchmark(args.llm_path, args.num_layers, batch_size=args.batch_size, seq_len=args.seq_len,
-                     repeats=args.repeats, strategy=args.strategy)
-    total = round(rows[0]["ideal"] * rows[0]["k"])
-    print(f"{args.llm_path}: {args.batch_size} users x {args.seq_len} items, median of {args.repeats}, "
-          f"{torch.get_num_threads()} threads")
-    print(markdown_table(rows, total))
+    parser.add_argument("--num-layers", type=int, nargs="+", default=list(DEFAULT_KS),
+                        help="values of k; k = L (all layers) is always added as the last row")
+    parser.add_argument("--strategy", default="uniform", choices=DATA_FREE_STRATEGIES,
+                        help="which k layers (uniform: evenly spread, first and last included)")
+    defaults = yaml.safe_load((PROPERTIES_DIR / "LayerSelLLM.yaml").read_text(encoding="utf-8"))
+    parser.add_argument("--bridge-rank", type=int, default=defaults["bridge_rank"],
+                        help="rank of the linear/residual bridges (default: what LayerSelLLM.yaml ships)")
+    parser.add_argument("--batch-size", type=int, default=64, help="users per call")
+    parser.add_argument("--seq-len", type=int, default=50, help="history length")
+    parser.add_argument("--num-items", type=int, default=1682, help="catalogue size (ml-100k's)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds after one warm-up round")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--embedding-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "recbole_layersel.bench",
+                          *(sys.argv[1:] if argv is None else argv)])
+    try:
+        result = benchmark(args.llm_path, args.num_layers, batch_size=args.batch_size, seq_len=args.seq_len,
+                           num_items=args.num_items, repeats=args.repeats, strategy=args.strategy,
+                           bridge_rank=args.bridge_rank, device=args.device, dtype=args.dtype,
+                           embedding_size=args.embedding_size, seed=args.seed)
+    except LayerSelError as err:
+        parser.error(str(err))
+    write_report(result, args.out, command)
+    print(markdown_table(result))
+    print(f"written to {args.out}/bench.md, bench.json, speedup.png")
 
 
 if __name__ == "__main__":

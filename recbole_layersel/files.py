@@ -25,11 +25,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def save_figure(figure, path: Path) -> None:
-    """A matplotlib figure as a PNG, written atomically."""
+    """A matplotlib figure as a PNG, written atomically (a failed write leaves no partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    figure.savefig(partial, format="png", dpi=120)
-    os.replace(partial, path)
+    try:
+        figure.savefig(partial, format="png", dpi=120)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class StageCache:

@@ -429,28 +429,30 @@ def plot_importance_heatmap(result: ImportanceResult, path, title: str = "", *, 
     """Write a PNG heatmap of the normalised scores: one row per criterion plus a last "fused" row, one
     column per layer; stars mark the `num_marked` top-ranked layers on the fused row.
 
-    Drawn with matplotlib's Agg canvas (no display, no pyplot state); written to a temporary file
-    beside `path`, then renamed, so `path` never holds a half-written image.
+    Drawn with matplotlib's Agg canvas (no display, no pyplot state) and written atomically.
     """
-    path = Path(path)
+    rows = len(result.normalised) + 1
+    figure = Figure(figsize=(max(6.0, 2.5 + 0.3 * len(result.fused)), 1.5 + 0.4 * rows), layout="constrained")
+    FigureCanvasAgg(figure)  # renders through Agg: no display, and pyplot's global state is left alone
+    axes = figure.add_subplot()
+    image = draw_importance(axes, result, result.ranking[:num_marked], title)
+    axes.set_xlabel(f"layer (stars: top {num_marked} by fused score)")
+    figure.colorbar(image, ax=axes, label="normalised importance")
+    save_figure(figure, Path(path))
+
+
+def draw_importance(axes, result: ImportanceResult, marked: list[int], title: str = ""):
+    """The heatmap on `axes` (criteria rows, a last fused row, one column per layer), stars on the fused
+    row at `marked`; returns the image for a colorbar."""
     criteria = list(result.normalised)
     rows = [result.normalised[name] for name in criteria] + [result.fused]
     labels = [f"{name} (w={result.weights.get(name, 0.0):.2f})" for name in criteria] + ["fused"]
-    num_layers = len(result.fused)
-    fused_row = len(rows) - 1
-    marked = result.ranking[:num_marked]
-
-    figure = Figure(figsize=(max(6.0, 2.5 + 0.3 * num_layers), 1.5 + 0.4 * len(rows)), layout="constrained")
-    FigureCanvasAgg(figure)  # renders through Agg: no display, and pyplot's global state is left alone
-    axes = figure.add_subplot()
+    num_layers, fused_row = len(result.fused), len(rows) - 1
     image = axes.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     axes.scatter(marked, [fused_row] * len(marked), marker="*", s=90, c="white", edgecolors="black")
     axes.axhline(fused_row - 0.5, color="white", linewidth=2)
-    axes.set_xticks(range(num_layers), [str(layer) for layer in range(num_layers)])
+    axes.set_xticks(range(num_layers), [str(layer) for layer in range(num_layers)], fontsize=7)
     axes.set_yticks(range(len(rows)), labels)
-    axes.set_xlabel(f"layer (stars: top {len(marked)} by fused score)")
     if title:
         axes.set_title(title)
-    figure.colorbar(image, ax=axes, label="normalised importance")
-
-    save_figure(figure, path)
+    return image

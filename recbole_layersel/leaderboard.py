@@ -344,7 +344,7 @@ def main(argv=None) -> int:
                       file=sys.stderr)
                 return 2
             extra[name][entry_key] = value
-    bench = json.loads(Path(args.bench).read_text(encoding="utf-8")) if args.bench else None
+    bench = json.loads(Path(args.bench).read_text(encoding="utf-8"))["rows"] if args.bench else None
     out, planned, records = Path(args.out), len(args.entries) * len(args.seeds), []
     for seed in args.seeds:  # seed by seed: a leaderboard stopped early has every entry on its first seeds
         for name in args.entries:

