@@ -221,6 +221,10 @@ def write_report(result: dict, out_dir: Path, command: str) -> None:
     save_figure(figure, out_dir / "speedup.png")
 
 
+def _rank(value: str) -> int | None:
+    return None if value == "full" else int(value)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m recbole_layersel.bench", description=__doc__,
@@ -231,8 +235,8 @@ def main(argv=None) -> None:
     parser.add_argument("--strategy", default="uniform", choices=DATA_FREE_STRATEGIES,
                         help="which k layers (uniform: evenly spread, first and last included)")
     defaults = yaml.safe_load((PROPERTIES_DIR / "LayerSelLLM.yaml").read_text(encoding="utf-8"))
-    parser.add_argument("--bridge-rank", type=int, default=defaults["bridge_rank"],
-                        help="rank of the linear/residual bridges (default: what LayerSelLLM.yaml ships)")
+    parser.add_argument("--bridge-rank", type=_rank, default=defaults["bridge_rank"],
+                        help="linear/residual bridge rank, or 'full' (default: what LayerSelLLM.yaml ships)")
     parser.add_argument("--batch-size", type=int, default=64, help="users per call")
     parser.add_argument("--seq-len", type=int, default=50, help="history length")
     parser.add_argument("--num-items", type=int, default=1682, help="catalogue size (ml-100k's)")

@@ -205,10 +205,11 @@ def to_markdown(table: list[dict], dataset: str, planned: int | None = None) -> 
              "|" + "---|" * len(header)]
     for row in table:
         if row["seeds"] == 0:
-            failure = f"failed ({row['failed']}): {row['error'][:80]}"
-            cells = [row["entry"], failure] + [""] * (len(header) - 2)
-        else:
-            metrics = [f"{row[m][0]:.4f} ± {row[m][1]:.4f}" for m in METRICS]
+            state = f"failed ({row['failed']}): {row['error'][:80]}" if row["failed"] else "not run yet"
+            cells = [row["entry"], state] + [""] * (len(header) - 2)
+        else:  # one seed has no interval: its mean alone
+            metrics = [f"{row[m][0]:.4f}" + (f" ± {row[m][1]:.4f}" if row["seeds"] > 1 else "")
+                       for m in METRICS]
             p_values = [_p(row.get(f"p_vs_{r}")) for r in references]
             seeds = f"{row['seeds']}" + (f" ({row['failed']} failed)" if row["failed"] else "")
             layers = "–" if row["layers"] is None else f"{row['layers']:g}"
@@ -319,6 +320,8 @@ def main(argv=None) -> int:
     parser.add_argument("--entries", nargs="+", default=DEFAULT_ENTRIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
     parser.add_argument("--out", default="results")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="rewrite the tables and charts from the finished runs; start no run")
     parser.add_argument("--bench", default=None, help="bench.json whose speed-ups the frontier plot shows")
     parser.add_argument("--set", nargs="*", default=[], metavar="[ENTRY.]KEY=VALUE",
                         help="settings for every run, e.g. epochs=1, or for one entry, e.g. SASRec.epochs=5 "
@@ -346,6 +349,12 @@ def main(argv=None) -> int:
             extra[name][entry_key] = value
     bench = json.loads(Path(args.bench).read_text(encoding="utf-8"))["rows"] if args.bench else None
     out, planned, records = Path(args.out), len(args.entries) * len(args.seeds), []
+    if args.tables_only:
+        paths = [out / "runs" / args.dataset / name / f"seed{seed}.json"
+                 for name in args.entries for seed in args.seeds]
+        records = [json.loads(path.read_text(encoding="utf-8")) for path in paths if path.is_file()]
+        print(write_tables(records, args.entries, args.dataset, out, planned, bench))
+        return 0
     for seed in args.seeds:  # seed by seed: a leaderboard stopped early has every entry on its first seeds
         for name in args.entries:
             records.append(run_entry(name, args.dataset, seed, out, extra[name]))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from recbole_layersel import bench
 from recbole_layersel.bench import benchmark, main, markdown_table, peak_memory_bytes, tensor_bytes
 from recbole_layersel.errors import LayerSelError
 from tests.tiny_models import CONFIGS, NUM_LAYERS, save_tiny_llm
@@ -72,3 +73,20 @@ def test_cuda_without_a_gpu_is_a_clear_error(tiny_llm, monkeypatch, capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
     with pytest.raises(LayerSelError, match="repeats"):
         benchmark(tiny_llm, repeats=0)
+
+
+def test_bridge_rank_defaults_to_the_shipped_yaml_and_takes_full(tiny_llm, tmp_path, monkeypatch):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record_rank(*args, bridge_rank, **kwargs):
+        seen.append(bridge_rank)
+        raise Stop
+
+    monkeypatch.setattr(bench, "benchmark", record_rank)
+    for extra in ([], ["--bridge-rank", "full"], ["--bridge-rank", "16"]):
+        with pytest.raises(Stop):
+            main(["--llm-path", tiny_llm, "--out", str(tmp_path), *extra])
+    assert seen == [64, None, 16]

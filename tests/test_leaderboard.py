@@ -122,5 +122,21 @@ def test_charts_are_written_and_the_frontier_needs_two_sizes(tmp_path):
     markdown = leaderboard.write_tables(records, entries, "tiny", tmp_path, 6, bench)
     assert "4 of 6 planned runs (entries x seeds) finished." in markdown
     assert "| LayerSelLLM-full | 2 | 0.2000 ± 0.0000" in markdown and "| 40 | 5 | 4 |" in markdown
+    assert "| BPR | not run yet |" in markdown
     for name in ("tiny.md", "tiny.csv", "tiny.png", "tiny-frontier.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_tables_only_reads_finished_runs_and_starts_none(tmp_path, monkeypatch, capsys):
+    test = dict.fromkeys(leaderboard.METRICS, 0.05)
+    record = {"entry": "BPR", "seed": 7, "status": "ok", "test": test, "train_seconds": 3.0,
+              "inference_users_per_second": 100.0, "parameters": 9, "selected_layers": None}
+    path = tmp_path / "runs" / "tiny" / "BPR" / "seed7.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+    monkeypatch.setattr(leaderboard, "_in_child", lambda *a: pytest.fail("a run was started"))
+    args = ["--dataset", "tiny", "--entries", "BPR", "SASRec", "--seeds", "7", "8", "--out", str(tmp_path)]
+    assert leaderboard.main([*args, "--tables-only"]) == 0
+    table = (tmp_path / "tiny.md").read_text()
+    assert "1 of 4 planned runs" in table and "| BPR | 1 | 0.0500 | 0.0500 |" in table
+    assert "| SASRec | not run yet |" in table and table in capsys.readouterr().out + "\n"
