@@ -11,9 +11,6 @@ half-written export where a complete one is expected.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +19,7 @@ from transformers import CONFIG_MAPPING
 
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import write_folder
 from recbole_layersel.model import CompactRecommender, add_lora
 
 FORMAT = "recbole_layersel.compact/1"
@@ -57,21 +55,13 @@ def export_compact(model, directory: str | Path) -> Path:
         "user_histories": model.user_histories,
     }
     directory = Path(directory).resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    try:
+
+    def write(staging: Path) -> None:
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in compact.state_dict().items()}
         save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": FORMAT})
         (staging / META_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        if directory.exists():  # replace an older export: move it aside first, delete it last
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / directory.name)
-            os.replace(staging, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_folder(directory, write)
     return directory
 
 

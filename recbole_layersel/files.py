@@ -4,6 +4,8 @@ atomic (a temporary file beside the target, then a rename), so no reader ever se
 import hashlib
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -22,6 +24,25 @@ def write_atomic(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text + "\n", encoding="utf-8")
     os.replace(partial, path)
+
+
+def write_folder(folder: Path, write) -> None:
+    """``write(staging)`` fills a new folder beside ``folder``, which then replaces ``folder``: a reader
+    sees the old folder or the new one, never half of one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()  # not mkdtemp: its 0700 mode would make the folder private to this user
+    try:
+        write(staging)
+        if folder.exists():  # move the old folder aside first, delete it last
+            old = staging.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_figure(figure, path: Path) -> None:

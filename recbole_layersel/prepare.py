@@ -53,12 +53,9 @@ import ast
 import gzip
 import html
 import json
-import os
 import random
 import re
-import shutil
 import sys
-import uuid
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -66,6 +63,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import write_folder
 
 SHOWN = 5  # line numbers / examples kept per kind: enough to find the problem, bounded for a broken file
 ID = re.compile(r"\S+")
@@ -291,24 +289,6 @@ def _write_items(path: Path, items, titles: dict) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as file:
         file.write("item_id:token\ttitle:token_seq\n")
         file.writelines(f"{item}\t{titles[item]}\n" for item in items)
-
-
-def write_folder(folder: Path, write) -> None:
-    """``write(staging)`` fills a new folder beside ``folder``, which then replaces ``folder``."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()  # not mkdtemp: its 0700 mode would make the dataset private to this user
-    try:
-        write(staging)
-        if folder.exists():  # move the old dataset aside first, delete it last
-            old = staging.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_inputs(source: str, ratings, meta, name: str, k: int, sample: int | None) -> Source:

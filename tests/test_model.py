@@ -145,6 +145,8 @@ def test_export_then_import_reproduces_the_scores_exactly(build, mode, tmp_path)
     assert torch.allclose(exported, via_recbole, atol=1e-5)
     assert sorted(p.name for p in export_dir.iterdir()) == ["layersel.json", "model.safetensors"]
     assert [p.name for p in export_dir.parent.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "plain").mkdir()
+    assert export_dir.stat().st_mode == (tmp_path / "plain").stat().st_mode  # not private (mkdtemp's 0700)
 
 
 def test_int8_quantises_the_kept_layers_and_still_trains(build, tmp_path):
