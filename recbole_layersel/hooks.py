@@ -97,8 +97,12 @@ def _final_states(backbone, inputs, mask, batch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _teacher_states(backbone, inputs, mask, batch_size: int) -> dict[str, torch.Tensor]:
-    """The full model's final states and per-layer outputs, as ``compute_importance`` returns them."""
+def _teacher_states(backbone, inputs, mask, batch_size: int, per_layer: bool) -> dict[str, torch.Tensor]:
+    """The full model's final states and, with ``per_layer`` (layer-wise distillation), every layer's
+    output, as ``compute_importance`` returns them. Per-layer outputs are L times the memory: only
+    kept when asked."""
+    if not per_layer:
+        return {"last": _final_states(backbone, inputs, mask, batch_size)}
     backbone.eval()
     last, per_layer = [], []
     for i in range(0, len(inputs), batch_size):
@@ -169,8 +173,9 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
     if needs_importance:
         cached = cache.load_json("importance", importance_key)
         # One no-grad pass gives the warm-up states and, should importance come from the cache, the
-        # teacher that distillation needs; the importance pass below returns the same teacher.
-        teacher = _teacher_states(full, inputs, mask, batch_size)
+        # teacher that distillation needs; otherwise the importance pass below returns the teacher.
+        teacher = _teacher_states(full, inputs, mask, batch_size,
+                                  per_layer=cached is not None and config["distill_layerwise"])
         warm_up_heads(compact_model, _last(teacher["last"], sample.lengths), sample.item_seq, sample.targets,
                       config["importance_warmup_steps"], config["learning_rate"] * 10)
         if cached is not None:
@@ -199,7 +204,8 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                      "valid_users": config["selection_sample_users"], "seed": config["seed"]}
     distill_steps = config["distill_steps"]
     if distill_steps and teacher is None:  # full-model states, taken before any compact model is built
-        teacher = _teacher_states(full, inputs, mask, batch_size)
+        # Layer-wise distillation needs importance, so this teacher never needs per-layer outputs.
+        teacher = _teacher_states(full, inputs, mask, batch_size, per_layer=False)
     selection = cache.load_json("selection", selection_key) if strategy == "importance" and needs_importance \
         else None
     if selection is None:

@@ -435,8 +435,9 @@ def plot_importance_heatmap(result: ImportanceResult, path, title: str = "", *, 
     figure = Figure(figsize=(max(6.0, 2.5 + 0.3 * len(result.fused)), 1.5 + 0.4 * rows), layout="constrained")
     FigureCanvasAgg(figure)  # renders through Agg: no display, and pyplot's global state is left alone
     axes = figure.add_subplot()
-    image = draw_importance(axes, result, result.ranking[:num_marked], title)
-    axes.set_xlabel(f"layer (stars: top {num_marked} by fused score)")
+    marked = result.ranking[:num_marked]
+    image = draw_importance(axes, result, marked, title)
+    axes.set_xlabel(f"layer (stars: top {len(marked)} by fused score)")
     figure.colorbar(image, ax=axes, label="normalised importance")
     save_figure(figure, Path(path))
 

@@ -142,8 +142,9 @@ def source_selection(source: str, seed: int, out: Path, extra: dict) -> dict:
     """The layers ``LayerSelLLM-importance`` chose on ``source`` with ``seed``: from its finished run, or
     from a hooks-only run (importance and selection, no training) recorded in runs/<source>/selection/."""
     run = out / "runs" / source / "LayerSelLLM-importance" / f"seed{seed}.json"
-    if run.is_file() and json.loads(run.read_text(encoding="utf-8"))["status"] == "ok":
-        return json.loads(run.read_text(encoding="utf-8"))
+    record = json.loads(run.read_text(encoding="utf-8")) if run.is_file() else None
+    if record is not None and record["status"] == "ok":
+        return record
     config_dict = {**extra, "layer_strategy": "importance", "hooks_only": True, "distill_steps": 0,
                    "seed": seed}
     return _finished(out / "runs" / source / "selection" / f"seed{seed}.json",
