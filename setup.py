@@ -27,5 +27,5 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff==0.17.6"]},
+    extras_require={"dev": ["pytest>=8", "ruff==0.17.6"], "gpu": ["bitsandbytes"]},
 )

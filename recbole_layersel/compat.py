@@ -18,6 +18,9 @@ refuses RecBole's checkpoints (they pickle the      load_best_model=True)``     
 pandas' CSV reader takes a field that starts with   ``Dataset._load_feat`` reads atomic  ``AtomicFilePandas``
 ``"`` as quoted, so the title ``"C" Size Battery``  files with ``pd.read_csv``          below
 is mangled or the whole file is rejected
+RecBole's DDP is CUDA-only: NCCL, ``cuda:rank``,    ``Config._init_device``,            ``LayerSelConfig``
+and ``DistributedDataParallel(device_ids=[rank])``  ``AbstractTrainer.__init__``        (registry.py), ``CPU
+which torch refuses for a CPU module                                                    DDPMixin`` below
 ==================================================  ==================================  =====================
 
 Pins rather than shims where a pin works: a pin runs RecBole's code as its authors tested it, while
@@ -25,7 +28,9 @@ patching numpy or pandas would change them for every other library in the proces
 shim does not switch ``weights_only`` off: it unpickles only a file whose bytes this run wrote, and
 anything else still goes through torch's safe loader. The atomic-file shim changes only the ``pd`` that
 RecBole's dataset module sees, and only its ``read_csv``: atomic files are plain tab-separated text
-with no quoting convention. Tests: ``tests/test_compat.py``, one per row.
+with no quoting convention. The DDP shims take over only where RecBole would fail (no GPU, or a
+launcher's rendezvous); on GPUs started by ``--nproc`` RecBole's own code runs. Tests:
+``tests/test_compat.py``, one per row, and ``tests/test_distributed.py``.
 """
 
 import csv
@@ -39,6 +44,7 @@ import recbole.data.dataset.dataset
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
+from torch.nn.parallel import DistributedDataParallel
 
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import sha256_file
@@ -73,10 +79,11 @@ def check_pins() -> None:
             )
 
 
-def load_checkpoint(path: str, trusted_sha256: dict[str, str], device) -> dict:
-    """Load a RecBole checkpoint: unpickled only if this run wrote exactly these bytes."""
+def load_checkpoint(path: str, trusted_sha256: dict[str, set[str]], device) -> dict:
+    """Load a RecBole checkpoint: unpickled only if this run wrote exactly these bytes (``trusted_sha256``:
+    path -> the sha256 of every version a process of this run wrote there)."""
     path = os.path.abspath(path)
-    if path in trusted_sha256 and trusted_sha256[path] == sha256_file(path):
+    if path in trusted_sha256 and sha256_file(path) in trusted_sha256[path]:
         return torch.load(path, map_location=device, weights_only=False)
     try:
         return torch.load(path, map_location=device, weights_only=True)
@@ -95,20 +102,27 @@ class TrustedCheckpointMixin:
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.written_checkpoints: dict[str, str] = {}
+        self.written_checkpoints: dict[str, set[str]] = {}
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         path = os.path.abspath(kwargs.pop("saved_model_file", self.saved_model_file))
         partial = f"{path}.partial"
         super()._save_checkpoint(epoch, verbose=False, saved_model_file=partial, **kwargs)
-        if not os.path.exists(partial):  # RecBole writes only on rank 0
-            return
-        os.replace(partial, path)
-        self.written_checkpoints[path] = sha256_file(path)
-        if hasattr(self.model, "export_beside_checkpoint"):  # a pickle-free copy others can load
-            self.model.export_beside_checkpoint(path)
-        if verbose:
-            self.logger.info(set_color("Saving current", "blue") + f": {path}")
+        # Under DDP RecBole writes on local rank 0 only; every process saves at the same epochs.
+        writer = self.config["single_spec"] or self.config["local_rank"] == 0
+        written = None
+        if writer:
+            os.replace(partial, path)
+            written = sha256_file(path)
+            if hasattr(self.model, "export_beside_checkpoint"):  # a pickle-free copy others can load
+                self.model.export_beside_checkpoint(path)
+            if verbose:
+                self.logger.info(set_color("Saving current", "blue") + f": {path}")
+        hashes = [written]
+        if not self.config["single_spec"]:  # the other processes reload what the writers wrote
+            hashes = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(hashes, written)
+        self.written_checkpoints.setdefault(path, set()).update(h for h in hashes if h is not None)
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and load_best_model:
@@ -120,10 +134,26 @@ class TrustedCheckpointMixin:
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
 
+class CPUDDPMixin:
+    """RecBole's trainer under DDP on CPU processes: wraps the model without ``device_ids``."""
+
+    def __init__(self, config, model):
+        if config["single_spec"] or config["device"].type != "cpu":
+            super().__init__(config, model)
+            return
+        config["single_spec"] = True  # RecBole's constructor would wrap with device_ids=[rank]: CUDA only
+        try:
+            super().__init__(config, model)
+        finally:
+            config["single_spec"] = False
+        # Buffers (title embeddings) are fixed and equal everywhere: no need to re-send them every step.
+        self.distributed_model = DistributedDataParallel(self.model, forward_sync_buffers=False)
+
+
 @cache
-def with_trusted_checkpoints(trainer_class: type) -> type:
-    """``trainer_class`` with ``TrustedCheckpointMixin``; RecBole trainers outside the ``Trainer``
-    family (decision trees) save differently and are returned unchanged."""
+def compat_trainer(trainer_class: type) -> type:
+    """``trainer_class`` with ``TrustedCheckpointMixin`` and ``CPUDDPMixin``; RecBole trainers outside
+    the ``Trainer`` family (decision trees) save differently and are returned unchanged."""
     if not issubclass(trainer_class, Trainer):
         return trainer_class
-    return type(trainer_class.__name__, (TrustedCheckpointMixin, trainer_class), {})
+    return type(trainer_class.__name__, (TrustedCheckpointMixin, CPUDDPMixin, trainer_class), {})

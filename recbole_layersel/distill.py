@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.distributed import all_reduce_gradients, all_reduce_sum, my_batches, rank_and_world
 from recbole_layersel.errors import LayerSelError
 
 
@@ -73,17 +74,16 @@ def fidelity(compact: CompactBackbone, inputs_embeds: torch.Tensor, attention_ma
     compact.eval()
     try:
         # Sums in float64 so that long evaluations do not lose precision; one division at the end.
-        squared_error = cosine = 0.0
-        valid_tokens = 0
-        for start in range(0, inputs_embeds.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
+        sums = torch.zeros(3, dtype=torch.float64)  # squared error, cosine, valid tokens
+        for start, stop in my_batches(inputs_embeds.shape[0], batch_size):
             student, teacher, valid = _forward_batch(
-                compact, inputs_embeds[rows], attention_mask[rows], teacher_last[rows]
+                compact, inputs_embeds[start:stop], attention_mask[start:stop], teacher_last[start:stop]
             )
             student, teacher = student[valid], teacher[valid]  # (valid tokens, H)
-            squared_error += (student - teacher).double().pow(2).sum().item()
-            cosine += F.cosine_similarity(student, teacher, dim=-1).double().sum().item()
-            valid_tokens += student.shape[0]
+            sums[0] += (student - teacher).double().pow(2).sum().item()
+            sums[1] += F.cosine_similarity(student, teacher, dim=-1).double().sum().item()
+            sums[2] += student.shape[0]
+        squared_error, cosine, valid_tokens = all_reduce_sum(sums).tolist()
     finally:
         _restore_training_modes(modes)
     valid_elements = valid_tokens * inputs_embeds.shape[-1]
@@ -121,6 +121,10 @@ def distill_bridges(
     on seeded shuffled mini-batches of the other rows, and the returned fidelities before/after are
     measured on the held-out rows only. When N is too small to hold out a row (or heldout_fraction is 0)
     every row is used for both and the report says ``heldout_rows=0``.
+
+    Under a process group (``distributed.py``) every step's mini-batch is split over the processes and
+    their gradients are summed: the loss is normalised by the whole mini-batch's valid positions, so
+    the sum is the single-process gradient and every process takes the same step.
 
     Only the bridges, plus the parameters named ``lora_*`` with `train_lora`, are trained; the layers' own
     weights stay as they are. When there is nothing to train (every bridge is the identity, as between
@@ -182,20 +186,27 @@ def distill_bridges(
         generator = torch.Generator().manual_seed(seed)
         remaining = torch.empty(0, dtype=torch.long)
         losses = []
+        rank, world = rank_and_world()
         for _ in range(steps):
             if len(remaining) == 0:  # a new epoch over the training rows, in a new order
                 remaining = torch.randperm(train_rows, generator=generator)
             batch, remaining = remaining[:batch_size], remaining[batch_size:]
-            loss = _distill_loss(
-                compact, inputs_embeds[batch], attention_mask[batch], teacher_last[batch],
-                None if teacher_kept is None else teacher_kept[:, batch], kept_weights,
-            )
-            if reg_lambda:
+            mine = batch[rank::world]  # this process's share of the mini-batch
+            loss = torch.zeros(())
+            if len(mine):
+                loss = _distill_loss(
+                    compact, inputs_embeds[mine], attention_mask[mine], teacher_last[mine],
+                    None if teacher_kept is None else teacher_kept[:, mine], kept_weights,
+                    valid_elements=int(attention_mask[batch].sum()) * inputs_embeds.shape[-1],
+                )
+            if reg_lambda and rank == 0:  # once, not once per process
                 loss = loss + reg_lambda * sum(bridge.regularizer() for bridge in trained_bridges)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
+            all_reduce_gradients(trainable)
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(all_reduce_sum(loss.detach().double().cpu()).item())
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
@@ -204,19 +215,22 @@ def distill_bridges(
     return DistillReport(before=before, after=after, losses=losses, steps=steps, heldout_rows=heldout_rows)
 
 
-def _distill_loss(compact, inputs_embeds, attention_mask, teacher_last, teacher_kept, kept_weights):
-    """Final-state MSE plus, when teacher layers are given, the weighted layer-wise MSEs (valid positions)."""
+def _distill_loss(compact, inputs_embeds, attention_mask, teacher_last, teacher_kept, kept_weights,
+                  valid_elements: int):
+    """Final-state MSE plus, when teacher layers are given, the weighted layer-wise MSEs (valid positions);
+    squared errors are divided by ``valid_elements``, those of the whole mini-batch (it may be split)."""
     if teacher_kept is None:
         student, teacher, valid = _forward_batch(compact, inputs_embeds, attention_mask, teacher_last)
-        return F.mse_loss(student[valid], teacher[valid])
+        return F.mse_loss(student[valid], teacher[valid], reduction="sum") / valid_elements
     student, teacher, valid, student_layers = _forward_batch(
         compact, inputs_embeds, attention_mask, teacher_last, per_layer=True
     )
-    loss = F.mse_loss(student[valid], teacher[valid])
+    loss = F.mse_loss(student[valid], teacher[valid], reduction="sum") / valid_elements
     for weight, student_layer, teacher_layer in zip(kept_weights, student_layers, teacher_kept, strict=True):
         if weight:  # a zero weight would still cost the teacher layer's transfer to the device
             teacher_layer = teacher_layer.to(student_layer.device, torch.float32)
-            loss = loss + weight * F.mse_loss(student_layer.float()[valid], teacher_layer[valid])
+            squared_error = F.mse_loss(student_layer.float()[valid], teacher_layer[valid], reduction="sum")
+            loss = loss + weight * squared_error / valid_elements
     return loss
 
 

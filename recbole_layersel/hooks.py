@@ -26,6 +26,8 @@ selection.json, distillation.json.
 import hashlib
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,14 @@ from torch import nn
 
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.distill import distill_bridges
+from recbole_layersel.distributed import (
+    all_reduce_sum,
+    broadcast_parameters,
+    is_main,
+    main_value,
+    my_batches,
+    rank_and_world,
+)
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import StageCache, write_atomic
 from recbole_layersel.importance import ImportanceResult, compute_importance, plot_importance_heatmap
@@ -89,27 +99,26 @@ def _last(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return states[torch.arange(len(states)), lengths - 1]
 
 
-@torch.no_grad()
 def _final_states(backbone, inputs, mask, batch_size: int) -> torch.Tensor:
-    backbone.eval()
-    return torch.cat([backbone(inputs[i:i + batch_size], mask[i:i + batch_size]).float()
-                      for i in range(0, len(inputs), batch_size)])
+    return _teacher_states(backbone, inputs, mask, batch_size, per_layer=False)["last"]
 
 
 @torch.no_grad()
 def _teacher_states(backbone, inputs, mask, batch_size: int, per_layer: bool) -> dict[str, torch.Tensor]:
-    """The full model's final states and, with ``per_layer`` (layer-wise distillation), every layer's
-    output, as ``compute_importance`` returns them. Per-layer outputs are L times the memory: only
-    kept when asked."""
-    if not per_layer:
-        return {"last": _final_states(backbone, inputs, mask, batch_size)}
+    """The backbone's final states (N, T, H) and, with ``per_layer`` (layer-wise distillation), every
+    layer's output (L, N, T, H), as ``compute_importance`` returns them; data-parallel over a process
+    group. Per-layer outputs are L times the memory: only kept when asked."""
     backbone.eval()
-    last, per_layer = [], []
-    for i in range(0, len(inputs), batch_size):
-        final, layers = backbone(inputs[i:i + batch_size], mask[i:i + batch_size], output_hidden_states=True)
-        last.append(final.float())
-        per_layer.append(torch.stack(layers).float())
-    return {"last": torch.cat(last), "per_layer": torch.cat(per_layer, dim=1)}
+    states = {"last": torch.zeros(*inputs.shape[:2], backbone.config.hidden_size, device=inputs.device)}
+    if per_layer:
+        states["per_layer"] = torch.zeros(len(backbone.layers), *states["last"].shape, device=inputs.device)
+    for start, stop in my_batches(len(inputs), batch_size):
+        outputs = backbone(inputs[start:stop], mask[start:stop], output_hidden_states=per_layer)
+        if per_layer:
+            outputs, layers = outputs
+            states["per_layer"][:, start:stop] = torch.stack(layers).float()
+        states["last"][start:stop] = outputs.float()
+    return {name: all_reduce_sum(tensor) for name, tensor in states.items()}
 
 
 def warm_up_heads(compact, last_states: torch.Tensor, item_seq: torch.Tensor, targets: torch.Tensor,
@@ -138,7 +147,8 @@ def artifacts_dir(config) -> Path | None:
     if config["artifacts_dir"]:
         return Path(config["artifacts_dir"])
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        # pytest's logging plugin adds a FileHandler on os.devnull when no log file is configured.
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename != os.devnull:
             return Path(handler.baseFilename).with_suffix("")
     return None
 
@@ -150,7 +160,12 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
     full = compact_model.backbone
     total = full.num_source_layers
     strategy, explicit = config["layer_strategy"], config["selected_layers"]
-    out_dir = artifacts_dir(config)
+    # Under a process group every process computes the same results; the first one writes them.
+    writes = is_main()
+    world = rank_and_world()[1]
+    if world > 1:
+        logger.info(f"Pre-training hooks run data-parallel over {world} processes.")
+    out_dir = artifacts_dir(config) if writes else None
     cache = StageCache(model.cache_dir)
     batch_size = config["importance_batch_size"]
 
@@ -178,6 +193,7 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                                   per_layer=cached is not None and config["distill_layerwise"])
         warm_up_heads(compact_model, _last(teacher["last"], sample.lengths), sample.item_seq, sample.targets,
                       config["importance_warmup_steps"], config["learning_rate"] * 10)
+        broadcast_parameters(compact_model, skip_prefix="backbone.")  # GPU kernels may differ by a bit
         if cached is not None:
             importance = ImportanceResult(**cached)
             logger.info("Reusing layer importance from the stage cache.")
@@ -189,7 +205,8 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
             importance, teacher = compute_importance(
                 full, inputs, mask, rec_loss, weights=config["importance_weights"],
                 attention_top_k=config["attention_top_k"], batch_size=batch_size)
-            cache.save_json("importance", importance_key, importance.to_json())
+            if writes:
+                cache.save_json("importance", importance_key, importance.to_json())
         if out_dir is not None:
             report = {**importance.to_json(), "settings": importance_key, "sample_users": len(sample.users)}
             write_atomic(out_dir / "importance.json", json.dumps(report, indent=1))
@@ -211,7 +228,8 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
     if selection is None:
         if strategy == "importance" and explicit is None:
             selection = _greedy(model, llm, full, valid_data, config, importance.ranking).to_json()
-            cache.save_json("selection", selection_key, selection)
+            if writes:
+                cache.save_json("selection", selection_key, selection)
         else:
             selection = {"selected": select_layers(total, selected_layers=explicit, strategy=strategy,
                                                    num_layers=config["num_layers"], seed=config["seed"],
@@ -224,6 +242,7 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
 
     compact = CompactBackbone(llm, selected, mlp_bridges=config["mlp_bridges"],
                               bridge_rank=config["bridge_rank"])
+    broadcast_parameters(compact.bridges)  # random low-rank inits differ per process
     if distill_steps and any(bridge.kind != "identity" for bridge in compact.bridges):
         distill_key = {**selection_key, "stage": "distill", "selected": selected, "steps": distill_steps,
                        "lr": config["distill_lr"], "reg": config["distill_reg_lambda"],
@@ -246,8 +265,9 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                 layer_weights={i: fisher[i] for i in selected} if layerwise else None,
                 reg_lambda=config["distill_reg_lambda"], steps=distill_steps, lr=config["distill_lr"],
                 batch_size=batch_size, seed=config["seed"]).to_json()
-            cache.save_tensors("distill", distill_key, compact.bridges.state_dict())
-            cache.save_json("distill", distill_key, report)
+            if writes:
+                cache.save_tensors("distill", distill_key, compact.bridges.state_dict())
+                cache.save_json("distill", distill_key, report)
         else:
             compact.bridges.load_state_dict(bridges)
             logger.info("Reusing distilled bridges from the stage cache.")
@@ -287,4 +307,5 @@ def _greedy(model, llm, full, valid_data, config, ranking: list[int]):
     return greedy_select(ranking, evaluate, target_k=config["num_layers"],
                          patience=config["selection_patience"], min_gain=config["selection_min_gain"],
                          max_evaluations=config["selection_max_evaluations"],
-                         max_seconds=config["selection_max_seconds"])
+                         max_seconds=config["selection_max_seconds"],
+                         clock=lambda: main_value(time.perf_counter()))  # one time budget for all

@@ -52,6 +52,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.distributed import all_reduce_sum, my_batches
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import save_figure
 
@@ -183,7 +184,9 @@ def compute_importance(
     states (after the final norm) at each row's last valid position and rows is a LongTensor, on the
     device of inputs_embeds, of the mini-batch's row indices into the N rows (to look up targets).
 
-    One pass in mini-batches of `batch_size`, with eager attention (for the probabilities) and the
+    One pass in mini-batches of `batch_size`, shared out over the processes of a process group if
+    there is one (``distributed.py``: every sum and the teacher are all-reduced, so every process gets
+    the single-process result), with eager attention (for the probabilities) and the
     backbone in eval mode (dropout would make every statistic random); the attention implementation,
     train/eval modes and requires_grad flags are restored afterwards, also on error. Gradients are taken
     with torch.autograd.grad for the layer parameters only, so no `.grad` is written anywhere (not
@@ -242,8 +245,7 @@ def compute_importance(
             param.requires_grad_(True)
         hooks = [layer.register_forward_pre_hook(input_recorder(i)) for i, layer in enumerate(layers)]
         with torch.enable_grad():
-            for start in range(0, num_rows, batch_size):
-                stop = min(start + batch_size, num_rows)
+            for start, stop in my_batches(num_rows, batch_size):
                 batch_mask = attention_mask[start:stop].to(device)
                 batch_embeds = inputs_embeds[start:stop].detach().to(device=device, dtype=dtype)
                 last, per_layer, attentions = backbone(
@@ -293,6 +295,12 @@ def compute_importance(
             module.training = training
         backbone.config._attn_implementation = saved_attention
 
+    # Each process filled its own rows of the teacher (zeros elsewhere): the sum is every row.
+    for sums in (fisher_sums, distance_sums, attention_rows, *token_sums.values(), *attention_sums.values(),
+                 *teacher.values()):
+        sums.copy_(all_reduce_sum(sums))
+    counts = all_reduce_sum(torch.tensor([num_tokens, num_batches], dtype=torch.float64))
+    num_tokens, num_batches = counts.tolist()
     valid = attention_mask.bool().cpu()
     output_statistics = [_output_statistics(outputs[valid].to(device)) for outputs in teacher["per_layer"]]
     distances = distance_sums / num_tokens

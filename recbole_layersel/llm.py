@@ -16,6 +16,7 @@ import base64
 import csv
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
 
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import sha256_file
@@ -38,6 +39,7 @@ from recbole_layersel.files import sha256_file
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+QUANTIZATIONS = ("8bit", "4bit")  # bitsandbytes loading (llm_quantization)
 CACHE_ENV_VAR = "RECBOLE_LAYERSEL_CACHE"
 
 
@@ -148,15 +150,47 @@ def load_llm(
     cache_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     causal_lm: bool = False,
+    quantization: str | None = None,
+    device: str | torch.device = "cpu",
 ):
-    """Resolve `llm_path` and return `(model, tokenizer)`, the model in eval mode.
+    """Resolve `llm_path` and return `(model, tokenizer)`, the model in eval mode, on the CPU.
 
     causal_lm=False gives the base model (AutoModel: hidden states only, so encoders such as BERT work
-    too); causal_lm=True gives AutoModelForCausalLM, with its LM head.
+    too); causal_lm=True gives AutoModelForCausalLM, with its LM head. `quantization` "8bit" or "4bit"
+    loads the linear layers with bitsandbytes (LLM.int8() / NF4, computing in `dtype`) straight onto
+    the CUDA `device`, the only place its kernels run.
     """
     path = resolve_llm(llm_path, cache_dir)
-    model, tokenizer = _from_pretrained(path, dtype=dtype, causal_lm=causal_lm)
+    quantization_config = bitsandbytes_config(quantization, dtype, device, path)
+    model, tokenizer = _from_pretrained(path, dtype=dtype, causal_lm=causal_lm,
+                                        quantization_config=quantization_config, device=device)
     return model.eval(), tokenizer
+
+
+def bitsandbytes_config(quantization: str | None, dtype: torch.dtype, device, path: Path):
+    """The BitsAndBytesConfig for `quantization` ("8bit", "4bit"), None for None; errors name the fix."""
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise LLMResolveError(f"llm_quantization={quantization!r}; use one of {QUANTIZATIONS} or ~ (none).")
+    if torch.device(device).type != "cuda":
+        raise LLMResolveError(
+            f"llm_quantization={quantization!r} needs a CUDA device (bitsandbytes kernels), but the model "
+            f"runs on {device}. Run on a GPU (use_gpu=True), or set llm_quantization to ~."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LLMResolveError(
+            f"llm_quantization={quantization!r} needs the bitsandbytes package: pip install bitsandbytes "
+            "(or pip install -e '.[gpu]'), or set llm_quantization to ~."
+        )
+    if path.suffix.lower() == ".gguf":
+        raise LLMResolveError(
+            f"llm_quantization={quantization!r} re-quantises full-precision weights; {path.name} is a GGUF "
+            "file. Point llm_path at a Hugging Face model directory (safetensors), or set it to ~."
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
 def _accepted_forms() -> str:
@@ -168,7 +202,8 @@ def _accepted_forms() -> str:
     )
 
 
-def _from_pretrained(path: Path, *, dtype: torch.dtype, causal_lm: bool):
+def _from_pretrained(path: Path, *, dtype: torch.dtype, causal_lm: bool, quantization_config=None,
+                     device="cpu"):
     auto_model = AutoModelForCausalLM if causal_lm else AutoModel
     if path.suffix.lower() == ".gguf":
         # Dequantize to plain dense weights: quantized GGUF modules can be neither saved nor trained.
@@ -180,6 +215,10 @@ def _from_pretrained(path: Path, *, dtype: torch.dtype, causal_lm: bool):
             local_files_only=True,
         )
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    elif quantization_config is not None:
+        model = auto_model.from_pretrained(path, dtype=dtype, quantization_config=quantization_config,
+                                           device_map={"": torch.device(device)}, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     else:
         model = auto_model.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

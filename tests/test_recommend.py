@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from recbole_layersel.compat import with_trusted_checkpoints
+from recbole_layersel.compat import compat_trainer
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.export import export_compact
 from recbole_layersel.recommend import Recommender, main
@@ -108,7 +108,7 @@ def test_cli_prints_a_table_and_parseable_json(trained, tmp_path, capsys):
 def test_works_from_a_checkpoint_run_recbole_saved_without_unpickling_it(build, tmp_path):  # noqa: F811
     model, (train, valid, test) = build("llama", epochs=1)
     model.before_training(train, valid, test)
-    trainer = with_trusted_checkpoints(get_trainer_class(train.config))(train.config, model)
+    trainer = compat_trainer(get_trainer_class(train.config))(train.config, model)
     trainer.fit(train, valid, saved=True, show_progress=False)
     trainer.evaluate(test, load_best_model=True)
     model.eval()
