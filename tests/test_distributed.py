@@ -132,15 +132,18 @@ def test_hooks_under_accelerate_launch_match_one_process(tmp_path):
     assert two["distillation"]["after"] == pytest.approx(one["distillation"]["after"], rel=1e-4)
 
 
-def test_recbole_ddp_trains_layersel_like_one_process(tmp_path, argv):
+@pytest.mark.parametrize("train_mode", ["frozen", "lora"])
+def test_recbole_ddp_trains_layersel_like_one_process(tmp_path, argv, train_mode):
     # Unshuffled, RecBole's DistributedSampler gives each of 2 processes every other row of each batch
     # of 16 (60 training rows, 12 test users: no padding), so every step averages the same gradient.
+    # No LoRA dropout: each process draws from its own random stream.
     results = {}
     for nproc in (1, 2):
         folder = tmp_path / f"nproc{nproc}"
         folder.mkdir()
         config = write_run_config(folder, shuffle=False, train_batch_size=16, eval_batch_size=16,
-                                  epochs=2, layer_strategy="importance")
+                                  epochs=2, layer_strategy="importance", train_mode=train_mode,
+                                  lora_dropout=0.0)
         results[nproc] = run("LayerSelLLM", "tiny", config_file_list=[config], nproc=nproc, port=free_port())
     one, two = results[1], results[2]
     assert two["selected_layers"] == one["selected_layers"]
