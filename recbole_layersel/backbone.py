@@ -227,6 +227,12 @@ class CompactBackbone(nn.Module):
             if isinstance(getattr(module, "config", None), PretrainedConfig):
                 module.config = self.config
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the layers compute in: that of the first floating-point parameter (bitsandbytes
+        stores quantised weights as integers; norms stay in this dtype)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
     @classmethod
     def from_compact_config(
         cls, config: PretrainedConfig, selected_layers: list[int], num_source_layers: int, mlp_bridges: bool,

@@ -1,4 +1,4 @@
-"""Running RecBole 1.2.1 on today's stack: the pins we chose, and the one shim we need.
+"""Running RecBole 1.2.1 on today's stack: the pins we chose, and the few shims we need.
 
 RecBole 1.2.1 (2023) predates numpy 2, pandas 3 and torch >= 2.6. Each break, and our answer:
 
@@ -19,8 +19,8 @@ pandas' CSV reader takes a field that starts with   ``Dataset._load_feat`` reads
 ``"`` as quoted, so the title ``"C" Size Battery``  files with ``pd.read_csv``          below
 is mangled or the whole file is rejected
 RecBole's DDP is CUDA-only: NCCL, ``cuda:rank``,    ``Config._init_device``,            ``LayerSelConfig``
-and ``DistributedDataParallel(device_ids=[rank])``  ``AbstractTrainer.__init__``        (registry.py), ``CPU
-which torch refuses for a CPU module                                                    DDPMixin`` below
+and ``DistributedDataParallel(device_ids=[rank])``  ``AbstractTrainer.__init__``        (registry.py),
+which torch refuses for a CPU module                                                    ``DDPMixin`` below
 ==================================================  ==================================  =====================
 
 Pins rather than shims where a pin works: a pin runs RecBole's code as its authors tested it, while
@@ -28,14 +28,16 @@ patching numpy or pandas would change them for every other library in the proces
 shim does not switch ``weights_only`` off: it unpickles only a file whose bytes this run wrote, and
 anything else still goes through torch's safe loader. The atomic-file shim changes only the ``pd`` that
 RecBole's dataset module sees, and only its ``read_csv``: atomic files are plain tab-separated text
-with no quoting convention. The DDP shims take over only where RecBole would fail (no GPU, or a
-launcher's rendezvous); on GPUs started by ``--nproc`` RecBole's own code runs. Tests:
+with no quoting convention. The device set-up takes over only where RecBole's would fail (no GPU, or a
+launcher's rendezvous); the trainer's DDP wrapper is RecBole's, built with CPU-valid arguments, its
+buffers sent once instead of every step, and one checkpoint name for all processes. Tests:
 ``tests/test_compat.py``, one per row, and ``tests/test_distributed.py``.
 """
 
 import csv
 import os
 import pickle
+import warnings
 from functools import cache
 
 import numpy
@@ -134,26 +136,40 @@ class TrustedCheckpointMixin:
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
 
-class CPUDDPMixin:
-    """RecBole's trainer under DDP on CPU processes: wraps the model without ``device_ids``."""
+class DDPMixin:
+    """RecBole's trainer under DDP, on CPU processes too: RecBole wraps the model with
+    ``device_ids=[rank]`` (CUDA only), re-sends its buffers every step, and names the checkpoint after
+    each process's own clock, after a checkpoint folder check that two processes can race. Here every
+    process uses rank 0's checkpoint name, the folder exists first, and the fixed title embeddings (the
+    model's buffers) are sent once, when the wrapper is built."""
 
     def __init__(self, config, model):
-        if config["single_spec"] or config["device"].type != "cpu":
+        if config["single_spec"]:
             super().__init__(config, model)
             return
-        config["single_spec"] = True  # RecBole's constructor would wrap with device_ids=[rank]: CUDA only
+        # RecBole's ensure_dir checks, then creates: two processes can both find it missing.
+        os.makedirs(config["checkpoint_dir"], exist_ok=True)
+        config["single_spec"] = True  # RecBole's own wrapper would be built here; ours is below
         try:
             super().__init__(config, model)
         finally:
             config["single_spec"] = False
-        # Buffers (title embeddings) are fixed and equal everywhere: no need to re-send them every step.
-        self.distributed_model = DistributedDataParallel(self.model, forward_sync_buffers=False)
+        if config["device"].type == "cuda":  # as RecBole does on GPUs
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        device_ids = [config["local_rank"]] if config["device"].type == "cuda" else None
+        with warnings.catch_warnings():  # torch >= 2.13 renames broadcast_buffers; it still works
+            warnings.simplefilter("ignore", FutureWarning)
+            self.distributed_model = DistributedDataParallel(self.model, device_ids=device_ids,
+                                                             broadcast_buffers=False)
+        name = [self.saved_model_file]
+        torch.distributed.broadcast_object_list(name, src=0)
+        self.saved_model_file = name[0]
 
 
 @cache
 def compat_trainer(trainer_class: type) -> type:
-    """``trainer_class`` with ``TrustedCheckpointMixin`` and ``CPUDDPMixin``; RecBole trainers outside
+    """``trainer_class`` with ``TrustedCheckpointMixin`` and ``DDPMixin``; RecBole trainers outside
     the ``Trainer`` family (decision trees) save differently and are returned unchanged."""
     if not issubclass(trainer_class, Trainer):
         return trainer_class
-    return type(trainer_class.__name__, (TrustedCheckpointMixin, CPUDDPMixin, trainer_class), {})
+    return type(trainer_class.__name__, (TrustedCheckpointMixin, DDPMixin, trainer_class), {})

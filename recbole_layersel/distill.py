@@ -237,13 +237,11 @@ def _distill_loss(compact, inputs_embeds, attention_mask, teacher_last, teacher_
 def _forward_batch(compact, inputs_embeds, attention_mask, teacher_last, per_layer=False):
     """Run `compact` on one batch on its own device and dtype; return its final states and the teacher's
     in float32, the (B, T) boolean mask of valid positions and, with `per_layer`, the kept layers' outputs."""
-    parameter = next(compact.parameters())
-    attention_mask = attention_mask.to(parameter.device)
-    outputs = compact(
-        inputs_embeds.to(parameter.device, parameter.dtype), attention_mask, output_hidden_states=per_layer
-    )
+    device = next(compact.parameters()).device
+    attention_mask = attention_mask.to(device)
+    outputs = compact(inputs_embeds.to(device, compact.dtype), attention_mask, output_hidden_states=per_layer)
     student = outputs[0] if per_layer else outputs
-    teacher = teacher_last.to(parameter.device, torch.float32)
+    teacher = teacher_last.to(device, torch.float32)
     valid = attention_mask.bool()
     if per_layer:
         return student.float(), teacher, valid, outputs[1]

@@ -12,8 +12,8 @@ single-process identity.
 """
 
 import os
-from collections.abc import Iterable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,12 @@ def my_batches(num_rows: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + batch_size, num_rows)) for start in starts[rank::world]]
 
 
+# Elements reduced at a time: large tensors (the teacher's per-layer states) go through in pieces, so
+# the copy on the reduction device and in float32 stays small.
+_CHUNK = 1 << 24
+T = TypeVar("T")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over processes (returned; the argument may be changed). NCCL reduces on the GPU;
     gloo reduces half-precision through float32, which it cannot sum."""
@@ -52,9 +58,23 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         else torch.device("cpu")
     reduce_dtype = tensor.dtype if tensor.dtype not in (torch.bfloat16, torch.float16) \
         or reduce_device.type == "cuda" else torch.float32
-    buffer = tensor.to(reduce_device, reduce_dtype)
-    dist.all_reduce(buffer)
-    return buffer.to(tensor.device, tensor.dtype)
+    flat = tensor.contiguous().view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start:start + _CHUNK]
+        buffer = part.to(reduce_device, reduce_dtype)
+        dist.all_reduce(buffer)
+        part.copy_(buffer)
+    return flat.view(tensor.shape)
+
+
+def from_main(load: Callable[[], T]) -> T:
+    """Rank 0's ``load()`` in every process (e.g. a cache lookup: the processes must agree on a hit, or
+    some would skip a pass whose collectives the others wait in)."""
+    if not active():
+        return load()
+    value = [load() if is_main() else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
 
 
 def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
@@ -84,20 +104,6 @@ def main_value(value: float) -> float:
     if not active():
         return value
     return float(all_reduce_sum(torch.tensor([value if is_main() else 0.0], dtype=torch.float64)))
-
-
-@contextmanager
-def main_process_first():
-    """Rank 0 runs the block first (e.g. encodes titles into the cache); the others run it after, and
-    find its result cached."""
-    if not active():
-        yield
-        return
-    if not is_main():
-        dist.barrier()
-    yield
-    if is_main():
-        dist.barrier()
 
 
 def launcher_settings() -> dict:

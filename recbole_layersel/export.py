@@ -44,7 +44,7 @@ def export_compact(model, directory: str | Path) -> Path:
         "mlp_bridges": any(bridge.kind == "mlp" for bridge in backbone.bridges),
         "bridge_rank": backbone.bridge_rank,
         "backbone_config": backbone.config.to_dict(),
-        "dtype": str(next(backbone.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(backbone.dtype).removeprefix("torch."),
         "embedding_size": compact.item_id_embedding.embedding_dim,
         "lora": model.lora_settings if model.train_mode == "lora" else None,
         "item_field": model.ITEM_ID,

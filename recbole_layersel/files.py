@@ -19,9 +19,14 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def partial_path(path: Path) -> Path:
+    """A temporary name beside ``path``, unique, so that writers of the same file never collide."""
+    return path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = partial_path(path)
     partial.write_text(text + "\n", encoding="utf-8")
     os.replace(partial, path)
 
@@ -48,7 +53,7 @@ def write_folder(folder: Path, write) -> None:
 def save_figure(figure, path: Path) -> None:
     """A matplotlib figure as a PNG, written atomically (a failed write leaves no partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = partial_path(path)
     try:
         figure.savefig(partial, format="png", dpi=120)
         os.replace(partial, path)
@@ -80,6 +85,6 @@ class StageCache:
     def save_tensors(self, stage: str, key: dict, tensors: dict) -> None:
         path = self.path(stage, key, ".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
+        partial = partial_path(path)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, partial)
         os.replace(partial, path)

@@ -39,6 +39,7 @@ from recbole_layersel.distill import distill_bridges
 from recbole_layersel.distributed import (
     all_reduce_sum,
     broadcast_parameters,
+    from_main,
     is_main,
     main_value,
     my_batches,
@@ -175,6 +176,8 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
     mask = (sample.item_seq != 0).long()
     base_key = {"llm": model.llm_fingerprint, "dataset": config["dataset"], "sample": sample.sha256(),
                 "titles": model.titles_sha256}
+    if config["llm_quantization"]:  # only then: caches written before the key existed stay valid
+        base_key["quantization"] = config["llm_quantization"]
 
     # The warm-up below trains the heads; every strategy must start RecBole's training from the same
     # heads, so they are put back at the end.
@@ -186,7 +189,7 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                       "top_k": config["attention_top_k"], "warmup": config["importance_warmup_steps"],
                       "batch_size": batch_size}
     if needs_importance:
-        cached = cache.load_json("importance", importance_key)
+        cached = from_main(lambda: cache.load_json("importance", importance_key))
         # One no-grad pass gives the warm-up states and, should importance come from the cache, the
         # teacher that distillation needs; otherwise the importance pass below returns the teacher.
         teacher = _teacher_states(full, inputs, mask, batch_size,
@@ -223,8 +226,8 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
     if distill_steps and teacher is None:  # full-model states, taken before any compact model is built
         # Layer-wise distillation needs importance, so this teacher never needs per-layer outputs.
         teacher = _teacher_states(full, inputs, mask, batch_size, per_layer=False)
-    selection = cache.load_json("selection", selection_key) if strategy == "importance" and needs_importance \
-        else None
+    selection = from_main(lambda: cache.load_json("selection", selection_key)) \
+        if strategy == "importance" and needs_importance else None
     if selection is None:
         if strategy == "importance" and explicit is None:
             selection = _greedy(model, llm, full, valid_data, config, importance.ranking).to_json()
@@ -248,8 +251,8 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                        "lr": config["distill_lr"], "reg": config["distill_reg_lambda"],
                        "layerwise": config["distill_layerwise"], "mlp": config["mlp_bridges"],
                        "rank": config["bridge_rank"]}
-        bridges = cache.load_tensors("distill", distill_key)
-        report = cache.load_json("distill", distill_key)
+        bridges, report = from_main(lambda: (cache.load_tensors("distill", distill_key),
+                                             cache.load_json("distill", distill_key)))
         if bridges is None or report is None:
             layerwise = config["distill_layerwise"]
             if layerwise and importance is None:

@@ -206,7 +206,7 @@ def compute_importance(
     layer_params = [list(layer.parameters()) for layer in layers]
     params = [param for layer in layer_params for param in layer]
     param_layers = torch.tensor([index for index, layer in enumerate(layer_params) for _ in layer])
-    device, dtype = params[0].device, params[0].dtype
+    device, dtype = params[0].device, backbone.dtype
 
     fisher_sums = torch.zeros(num_layers, dtype=torch.float64)
     token_sums = {

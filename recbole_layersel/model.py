@@ -36,12 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from recbole_layersel.backbone import CompactBackbone
-from recbole_layersel.distributed import (
-    all_reduce_sum,
-    broadcast_parameters,
-    main_process_first,
-    rank_and_world,
-)
+from recbole_layersel.distributed import all_reduce_sum, broadcast_parameters, rank_and_world
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.hooks import run_pretraining_hooks
 from recbole_layersel.llm import default_cache_dir, load_llm, resolve_llm
@@ -72,7 +67,7 @@ class CompactRecommender(nn.Module):
         super().__init__()
         self.backbone = backbone
         hidden_size = backbone.config.hidden_size
-        dtype = next(backbone.parameters()).dtype
+        dtype = backbone.dtype
         self.register_buffer("title_inputs", title_inputs.to(dtype))
         self.register_buffer("title_outputs", title_outputs.float())
         self.user_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, embedding_size))
@@ -182,6 +177,14 @@ class LayerSelLLM(SequentialRecommender):
             check_int8(self.quantize, self.train_mode, config["device"], config["llm_dtype"])
         if self.train_mode == "frozen":
             self._check_histories_fit(dataset)
+        if config["llm_quantization"] and config["selected_layers"] is None \
+                and config["layer_strategy"] not in DATA_FREE_STRATEGIES:
+            raise LayerSelError(
+                f"layer_strategy={config['layer_strategy']!r} scores layers by gradients and weights, "
+                f"which llm_quantization={config['llm_quantization']!r} stores as integers. Choose the "
+                "layers without quantization (hooks_only=True), then pass them as selected_layers; or "
+                f"use a data-free strategy ({', '.join(DATA_FREE_STRATEGIES)})."
+            )
 
         cache_dir = Path(config["llm_cache_dir"] or default_cache_dir()).expanduser()
         llm_path = resolve_llm(config["llm_path"], cache_dir)
@@ -197,10 +200,9 @@ class LayerSelLLM(SequentialRecommender):
             settings["llm_quantization"] = config["llm_quantization"]
         key = {"llm": llm_fingerprint(llm_path), "dataset": config["dataset"], **settings,
                "titles_sha256": hashlib.sha256("\n".join(titles).encode()).hexdigest()}
-        with main_process_first():  # under DDP the first process encodes, the others read its cache
-            encoded = cached_title_embeddings(cache_dir, key, partial(
-                _encode_titles_on, device, llm, tokenizer, titles, max_tokens=config["title_max_tokens"],
-                pooling=config["title_pooling"], batch_size=config["title_batch_size"]))
+        encoded = cached_title_embeddings(cache_dir, key, partial(
+            _encode_titles_on, device, llm, tokenizer, titles, max_tokens=config["title_max_tokens"],
+            pooling=config["title_pooling"], batch_size=config["title_batch_size"]))
 
         self.config, self.cache_dir, self.llm_path = config, cache_dir, config["llm_path"]
         self.llm_fingerprint, self.titles_sha256 = key["llm"], key["titles_sha256"]

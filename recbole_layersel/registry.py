@@ -123,12 +123,21 @@ class LayerSelConfig(Config):
         visible, ``cuda:LOCAL_RANK``). See ``distributed.launcher_settings``."""
         config = self.final_config_dict
         launched = config.get("launcher") == "env"
-        if "local_rank" not in config or (torch.cuda.is_available() and not launched):
+        # RecBole itself reads only gpu_id (empty = CPU); use_gpu=False is the usual way to say CPU too.
+        use_cuda = torch.cuda.is_available() and config["use_gpu"] and str(config["gpu_id"]) != ""
+        if "local_rank" in config and use_cuda:
+            visible = len(str(config["gpu_id"]).split(",")) if not launched else torch.cuda.device_count()
+            if config["nproc"] > visible:
+                raise LayerSelError(
+                    f"{config['nproc']} processes on this machine but {visible} GPU(s) for them "
+                    f"(gpu_id={config['gpu_id']!r}, {torch.cuda.device_count()} visible); start at most "
+                    f"{visible} processes, list more GPUs in --gpu_id, or run on CPUs with --use_gpu=False."
+                )
+        if "local_rank" not in config or (use_cuda and not launched):
             super()._init_device()
             return
         gpu_id = config["gpu_id"]
         config["gpu_id"] = ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple) else str(gpu_id)
-        use_cuda = torch.cuda.is_available() and config["use_gpu"]
         local_rank = config["local_rank"]
         init_method = "env://" if launched else f"tcp://{config['ip']}:{config['port']}"
         if not dist.is_initialized():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from recbole_layersel.distributed import all_reduce_sum, from_main, is_main, my_batches
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import StageCache
 
@@ -46,20 +47,23 @@ def encode_titles(llm, tokenizer, titles: list[str], *, max_tokens: int, pooling
     tokenizer.padding_side = "right"
     embed_tokens = llm.get_input_embeddings()
     device = embed_tokens.weight.device
-    inputs, outputs = [], []
-    for start in tqdm(range(0, len(titles), batch_size), desc="encode titles", unit="batch"):
-        batch = tokenizer(titles[start:start + batch_size], padding=True, truncation=True,
+    # Under a process group each process encodes its share of the batches (distributed.py).
+    encoded = {name: torch.zeros(len(titles), embed_tokens.weight.shape[1]) for name in ("inputs", "outputs")}
+    for start, stop in tqdm(my_batches(len(titles), batch_size), desc="encode titles", unit="batch"):
+        batch = tokenizer(titles[start:stop], padding=True, truncation=True,
                           max_length=max_tokens, return_tensors="pt").to(device)
         mask = batch["attention_mask"].unsqueeze(-1).to(embed_tokens.weight.dtype)
         counts = mask.sum(1).clamp(min=1)
-        inputs.append((embed_tokens(batch["input_ids"]) * mask).sum(1) / counts)
+        token_inputs = embed_tokens(batch["input_ids"]) * mask
+        encoded["inputs"][start:stop] = (token_inputs.sum(1) / counts).float().cpu()
         hidden = llm(**batch).last_hidden_state
         if pooling == "mean":
-            outputs.append((hidden * mask).sum(1) / counts)
+            pooled = (hidden * mask).sum(1) / counts
         else:
             last = (batch["attention_mask"].sum(1) - 1).clamp(min=0)
-            outputs.append(hidden[torch.arange(hidden.shape[0], device=device), last])
-    encoded = {"inputs": torch.cat(inputs).float().cpu(), "outputs": torch.cat(outputs).float().cpu()}
+            pooled = hidden[torch.arange(hidden.shape[0], device=device), last]
+        encoded["outputs"][start:stop] = pooled.float().cpu()
+    encoded = {name: all_reduce_sum(tensor) for name, tensor in encoded.items()}
     for name in encoded:  # RecBole's padding item 0 has no title
         encoded[name][0] = 0
     return encoded
@@ -69,10 +73,11 @@ def cached_title_embeddings(cache_dir: Path, key: dict, compute) -> dict[str, to
     """``compute()``'s result, kept in the stage cache under ``cache_dir`` and reused while the key
     (model, dataset, titles, settings) is unchanged."""
     cache = StageCache(cache_dir)
-    cached = cache.load_tensors("title_embeddings", key)
+    cached = from_main(lambda: cache.load_tensors("title_embeddings", key))  # all agree on a hit
     if cached is not None:
         logger.info("Reusing title embeddings from %s", cache.path("title_embeddings", key, ".safetensors"))
         return cached
     encoded = compute()
-    cache.save_tensors("title_embeddings", key, encoded)
+    if is_main():
+        cache.save_tensors("title_embeddings", key, encoded)
     return encoded

@@ -174,6 +174,11 @@ def test_int8_quantises_the_kept_layers_and_still_trains(build, tmp_path):
 @pytest.mark.parametrize("settings, message", [
     ({"quantize": "int4"}, "quantize='int4'; use int8"),
     ({"quantize": "int8", "train_mode": "lora"}, "needs train_mode=frozen, device cpu and llm_dtype=float32"),
+    ({"llm_quantization": "4bit", "layer_strategy": "importance"},
+     r"layer_strategy='importance' scores layers by gradients .* pass them as selected_layers"),
+    pytest.param({"llm_quantization": "4bit", "selected_layers": [0, 2]},
+                 r"llm_quantization='4bit' needs a CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
 ])
 def test_bad_quantize_settings_are_named(build, settings, message):
     with pytest.raises(LayerSelError, match=message):
