@@ -1,6 +1,7 @@
 """``run`` / ``run_recbole``: RecBole's quick start, with plugin models, plugin yaml defaults, input
 checks that fail before anything is written, and checkpoints that reload on torch >= 2.6."""
 
+import os
 import sys
 import time
 from logging import getLogger
@@ -74,6 +75,8 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     config = LayerSelConfig(model, dataset, config_file_list, config_dict)
     check_config(config)
     init_seed(config["seed"], config["reproducibility"])
+    # RecBole's init_logger checks, then creates ./log/<model>: under DDP two processes can race there.
+    os.makedirs(os.path.join("log", config["model"]), exist_ok=True)
     init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
