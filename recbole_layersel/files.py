@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -19,46 +20,45 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def partial_path(path: Path) -> Path:
-    """A temporary name beside ``path``, unique, so that writers of the same file never collide."""
-    return path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+@contextmanager
+def replaced_on_success(path: Path):
+    """Yields a unique temporary name beside ``path`` to write to: when the block succeeds it replaces
+    ``path``, when it fails it is removed. Unique, so that writers of the same file never collide."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        if partial.is_dir():
+            shutil.rmtree(partial)
+        else:
+            partial.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(path)
-    partial.write_text(text + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    with replaced_on_success(path) as partial:
+        partial.write_text(text + "\n", encoding="utf-8")
 
 
 def write_folder(folder: Path, write) -> None:
     """``write(staging)`` fills a new folder beside ``folder``, which then replaces ``folder``: a reader
     sees the old folder or the new one, never half of one."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()  # not mkdtemp: its 0700 mode would make the folder private to this user
-    try:
+    old = None
+    with replaced_on_success(folder) as staging:
+        staging.mkdir()  # not mkdtemp: its 0700 mode would make the folder private to this user
         write(staging)
-        if folder.exists():  # move the old folder aside first, delete it last
-            old = staging.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        if folder.exists():  # os.replace cannot replace a folder: move the old one aside, delete it last
+            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def save_figure(figure, path: Path) -> None:
     """A matplotlib figure as a PNG, written atomically (a failed write leaves no partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(path)
-    try:
+    with replaced_on_success(path) as partial:
         figure.savefig(partial, format="png", dpi=120)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 class StageCache:
@@ -83,8 +83,5 @@ class StageCache:
         return load_file(path) if path.is_file() else None
 
     def save_tensors(self, stage: str, key: dict, tensors: dict) -> None:
-        path = self.path(stage, key, ".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = partial_path(path)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, partial)
-        os.replace(partial, path)
+        with replaced_on_success(self.path(stage, key, ".safetensors")) as partial:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, partial)

@@ -202,7 +202,8 @@ class LayerSelLLM(SequentialRecommender):
                "titles_sha256": hashlib.sha256("\n".join(titles).encode()).hexdigest()}
         encoded = cached_title_embeddings(cache_dir, key, partial(
             _encode_titles_on, device, llm, tokenizer, titles, max_tokens=config["title_max_tokens"],
-            pooling=config["title_pooling"], batch_size=config["title_batch_size"]))
+            pooling=config["title_pooling"], batch_size=config["title_batch_size"],
+            show_progress=config["show_progress"]))
 
         self.config, self.cache_dir, self.llm_path = config, cache_dir, config["llm_path"]
         self.llm_fingerprint, self.titles_sha256 = key["llm"], key["titles_sha256"]
@@ -335,7 +336,8 @@ class LayerSelLLM(SequentialRecommender):
         batches = [order[i:i + self.state_batch_size] for i in range(0, len(order), self.state_batch_size)]
         rank, world = rank_and_world() if data_parallel else (0, 1)
         mine = batches[rank::world]
-        for batch in tqdm(mine, desc="frozen backbone states", unit="batch", disable=len(mine) < 4):
+        show = self.config["show_progress"] and len(mine) >= 4
+        for batch in tqdm(mine, desc="frozen backbone states", unit="batch", disable=not show):
             batch_states = self.compact.sequence_states(item_seq[batch].to(self.device),
                                                         item_seq_len[batch].to(self.device))
             for row, index in enumerate(batch):

@@ -38,7 +38,7 @@ def item_titles(dataset, title_field: str) -> list[str]:
 
 @torch.no_grad()
 def encode_titles(llm, tokenizer, titles: list[str], *, max_tokens: int, pooling: str,
-                  batch_size: int) -> dict[str, torch.Tensor]:
+                  batch_size: int, show_progress: bool = True) -> dict[str, torch.Tensor]:
     """``{"inputs": (n, H), "outputs": (n, H)}`` for ``titles`` (see the module docstring)."""
     if pooling not in POOLINGS:
         raise LayerSelError(f"title_pooling={pooling!r} is not supported; use one of {POOLINGS}.")
@@ -49,7 +49,8 @@ def encode_titles(llm, tokenizer, titles: list[str], *, max_tokens: int, pooling
     device = embed_tokens.weight.device
     # Under a process group each process encodes its share of the batches (distributed.py).
     encoded = {name: torch.zeros(len(titles), embed_tokens.weight.shape[1]) for name in ("inputs", "outputs")}
-    for start, stop in tqdm(my_batches(len(titles), batch_size), desc="encode titles", unit="batch"):
+    for start, stop in tqdm(my_batches(len(titles), batch_size), desc="encode titles", unit="batch",
+                            disable=not show_progress):
         batch = tokenizer(titles[start:stop], padding=True, truncation=True,
                           max_length=max_tokens, return_tensors="pt").to(device)
         mask = batch["attention_mask"].unsqueeze(-1).to(embed_tokens.weight.dtype)

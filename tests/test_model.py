@@ -115,6 +115,14 @@ def test_frozen_mode_runs_the_backbone_once_per_user(build):
     assert sum(calls) == len(users)  # training and evaluation rows reuse the states
 
 
+@pytest.mark.parametrize("show", [True, False])
+def test_progress_bars_follow_recboles_show_progress(build, capsys, show):
+    model, loaders = build("llama", show_progress=show, state_batch_size=1)
+    model.before_training(*loaders)
+    printed = capsys.readouterr().err
+    assert ("encode titles" in printed) == show and ("frozen backbone states" in printed) == show
+
+
 @pytest.mark.parametrize("mode", ["frozen", "lora"])
 def test_both_modes_train(build, mode):
     model, loaders = build("llama", train_mode=mode)

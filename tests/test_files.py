@@ -1,0 +1,54 @@
+"""Atomic writes and the stage cache: a reader sees the old file or the whole new one, and a failed
+write leaves nothing behind."""
+
+import pytest
+import torch
+
+from recbole_layersel.files import StageCache, replaced_on_success, write_atomic, write_folder
+
+
+def test_write_atomic_replaces_the_file_and_leaves_no_partial(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    write_atomic(path, "old")
+    write_atomic(path, "new")
+    assert path.read_text() == "new\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_partial(tmp_path):
+    path = tmp_path / "report.json"
+    write_atomic(path, "old")
+    with pytest.raises(OSError, match="disk full"):
+        with replaced_on_success(path) as partial:
+            partial.write_text("half")
+            raise OSError("disk full")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_write_folder_swaps_whole_folders(tmp_path):
+    folder = tmp_path / "export"
+    write_folder(folder, lambda staging: (staging / "a.txt").write_text("1"))
+    write_folder(folder, lambda staging: (staging / "b.txt").write_text("2"))
+    assert [p.name for p in folder.iterdir()] == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+    def fail(staging):
+        (staging / "c.txt").write_text("3")
+        raise RuntimeError("write failed")
+
+    with pytest.raises(RuntimeError, match="write failed"):
+        write_folder(folder, fail)
+    assert [p.name for p in folder.iterdir()] == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_stage_cache_returns_what_was_saved_under_the_same_key_only(tmp_path):
+    cache = StageCache(tmp_path)
+    key = {"stage": "distill", "steps": 10}
+    assert cache.load_json("distill", key) is None and cache.load_tensors("distill", key) is None
+    cache.save_json("distill", key, {"after": 0.5})
+    cache.save_tensors("distill", key, {"weight": torch.arange(6.0).view(2, 3)})
+    assert cache.load_json("distill", {"steps": 10, "stage": "distill"}) == {"after": 0.5}  # key order
+    assert torch.equal(cache.load_tensors("distill", key)["weight"], torch.arange(6.0).view(2, 3))
+    assert cache.load_json("distill", {**key, "steps": 11}) is None
