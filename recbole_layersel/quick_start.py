@@ -69,6 +69,16 @@ def check_config(config) -> None:
             )
 
 
+def count_parameters(model: torch.nn.Module) -> int:
+    """Every weight of ``model``: its ``nn.Parameter``s plus the int8 weights (and biases) of dynamically
+    quantised Linear layers, which torch packs outside ``parameters()``."""
+    count = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            count += module.weight().numel() + (module.bias().numel() if module.bias() is not None else 0)
+    return count
+
+
 def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, queue=None):
     """Train and test one model on one dataset, as ``recbole.quick_start.run_recbole`` does."""
     check_pins()
@@ -126,7 +136,7 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "test_users": len(test_data._dataset),
         "inference_users_per_second": users_per_second,
         "selected_layers": getattr(model, "selected_layers", None),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": count_parameters(model),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     _finish(config, queue, result)

@@ -10,6 +10,7 @@ from recbole_layersel import model as model_module
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.export import export_compact, load_compact
 from recbole_layersel.model import LayerSelLLM
+from recbole_layersel.quick_start import count_parameters
 from recbole_layersel.registry import LayerSelConfig
 from tests.conftest import write_atomic_dataset
 from tests.tiny_models import CONFIGS, DECODER, NUM_LAYERS, save_tiny_llm
@@ -167,6 +168,7 @@ def test_int8_quantises_the_kept_layers_and_still_trains(build, tmp_path):
     linears = [m for m in modules if type(m) is torch.nn.Linear]
     int8 = [m for m in modules if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert not linears and len(int8) == 3 * 7 + 2  # 7 projections per layer, 2 bridges
+    assert count_parameters(model) == count_parameters(reference)  # packed int8 weights counted too
     interaction = first_eval_batch(loaders[2])
     model.eval(), reference.eval()
     with torch.no_grad():
