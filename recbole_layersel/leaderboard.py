@@ -40,6 +40,7 @@ from queue import Empty
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from recbole_layersel.errors import LayerSelError
@@ -257,6 +258,7 @@ def plot_leaderboard(table: list[dict], dataset: str, path: Path) -> None:
     quality.set_yticks(positions, [f"{row['entry']} (n={row['seeds']})" for row in rows])
     quality.invert_yaxis()
     quality.set_xlabel("test NDCG@10 (mean, 95 % CI)")
+    quality.xaxis.set_major_locator(MaxNLocator(nbins=4))  # small values have long tick labels
     speed.barh(positions, [row["users_per_second"] for row in rows], color="tab:orange")
     speed.set_xscale("log")
     speed.set_xlabel("inference users/s (log)")
@@ -286,6 +288,7 @@ def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, p
     for k, (mean, _) in zip(sizes, summary, strict=True):
         axes.annotate(f"n={len(by_size[k])}", (k, mean), textcoords="offset points", xytext=(4, 4),
                       fontsize=7)
+    axes.margins(x=0.08)  # room for the n= labels at the ends
     axes.set_xlabel("transformer layers kept (k)")
     axes.set_ylabel("test NDCG@10", color="tab:blue")
     if bench:
@@ -296,7 +299,7 @@ def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, p
                   label="ideal L/k")
         twin.set_ylabel("speed-up (bench.py)", color="tab:red")
         twin.legend(loc="center right", fontsize=8)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="upper center", fontsize=8)
     axes.set_title(f"{dataset}: quality vs layers kept")
     save_figure(figure, path)
     return True
