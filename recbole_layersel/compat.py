@@ -39,6 +39,7 @@ import os
 import pickle
 import warnings
 from functools import cache
+from pathlib import Path
 
 import numpy
 import pandas
@@ -49,7 +50,7 @@ from recbole.utils import set_color
 from torch.nn.parallel import DistributedDataParallel
 
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.files import sha256_file
+from recbole_layersel.files import replaced_on_success, sha256_file
 
 PINS = {"numpy": (numpy.__version__, 2), "pandas": (pandas.__version__, 3)}
 
@@ -108,13 +109,12 @@ class TrustedCheckpointMixin:
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         path = os.path.abspath(kwargs.pop("saved_model_file", self.saved_model_file))
-        partial = f"{path}.partial"
-        super()._save_checkpoint(epoch, verbose=False, saved_model_file=partial, **kwargs)
         # Under DDP RecBole writes on local rank 0 only; every process saves at the same epochs.
         writer = self.config["single_spec"] or self.config["local_rank"] == 0
         written = None
         if writer:
-            os.replace(partial, path)
+            with replaced_on_success(Path(path)) as partial:
+                super()._save_checkpoint(epoch, verbose=False, saved_model_file=str(partial), **kwargs)
             written = sha256_file(path)
             if hasattr(self.model, "export_beside_checkpoint"):  # a pickle-free copy others can load
                 self.model.export_beside_checkpoint(path)

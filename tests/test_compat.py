@@ -79,6 +79,24 @@ def test_best_checkpoint_reloads_and_is_written_atomically(tmp_path, argv):
     assert torch.equal(trainer.model.user_embedding.weight, saved_weights)
 
 
+def test_failed_checkpoint_save_keeps_the_previous_checkpoint_and_no_partial(tmp_path, argv, monkeypatch):
+    trainer, _, _, _ = _trainer(tmp_path, argv)
+    trainer._save_checkpoint(0)
+    path = os.path.abspath(trainer.saved_model_file)
+    before = open(path, "rb").read()
+
+    def disk_full(state, file, **kwargs):
+        with open(file, "wb") as partial:
+            partial.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("recbole.trainer.trainer.torch.save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer._save_checkpoint(1)
+    assert os.listdir(tmp_path / "saved") == [os.path.basename(path)]
+    assert open(path, "rb").read() == before
+
+
 def test_changed_or_foreign_checkpoints_are_refused(tmp_path, argv):
     trainer, _, _, test_data = _trainer(tmp_path, argv)
     trainer._save_checkpoint(0)
