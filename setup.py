@@ -17,8 +17,9 @@ setup(
         "recbole==1.2.1",
         "numpy>=1.24,<2",
         "pandas>=2.0,<3",
+        "scipy<1.13",
         "setuptools<81",
-        "transformers>=5.0,<6",
+        "transformers>=5.24,<6",  # masking_utils takes `cache` (past_key_values is removed in 5.40)
         "peft>=0.17",
         "accelerate>=1.0",
         "gguf>=0.10",

@@ -41,6 +41,21 @@ _LAYER_STACK = {"gpt2": "h", "bert": "encoder.layer"}
 _SELF_ATTENTION = {"gpt2": "attn", "bert": "attention.self"}
 
 
+def is_causal(config: PretrainedConfig) -> bool:
+    """Whether the state at position t reads positions <= t only; encoders such as BERT read them all."""
+    config = getattr(config, "text_config", config)
+    return not (config.model_type == "bert" and not config.is_decoder)
+
+
+def position_limit(config: PretrainedConfig) -> int | None:
+    """The longest sequence a family with learned position embeddings (GPT-2, BERT) can read; None for
+    rotary families, whose positions are computed."""
+    config = getattr(config, "text_config", config)
+    if config.model_type == "gpt2":
+        return config.n_positions
+    return config.max_position_embeddings if config.model_type == "bert" else None
+
+
 def validate_selection(selected_layers, num_layers: int) -> list[int]:
     """Check a selection of layer indices of a `num_layers`-layer model and return it sorted ascending."""
     selected = list(selected_layers)
@@ -304,7 +319,7 @@ class CompactBackbone(nn.Module):
     def _attention_masks(self, inputs_embeds, attention_mask, position_ids) -> dict:
         """The padding mask combined with causal (for BERT: bidirectional) masking, per layer type, in the
         format the configured attention implementation expects."""
-        if self.family == "bert" and not self.config.is_decoder:
+        if not is_causal(self.config):
             return {
                 "full_attention": create_bidirectional_mask(
                     config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
@@ -314,7 +329,7 @@ class CompactBackbone(nn.Module):
             "config": self.config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "past_key_values": None,
+            "cache": None,
             "position_ids": position_ids,
         }
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}

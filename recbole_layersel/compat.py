@@ -12,11 +12,14 @@ pandas 3 (copy-on-write) makes                      ``Dataset._fill_nan``,      
 and changes ``Series.agg(len)``
 ray 2.6.3 (RecBole's pin) imports ``pkg_resources``  ``recbole.quick_start`` imports     pin ``setuptools<81``
 which setuptools 81 removed                         ``ray.tune``
+scipy 1.13 removed ``dok_matrix._update``, which    the graph builders of LightGCN,     pin ``scipy<1.13``
+RecBole's graph models fill their adjacency with    NGCF, SpectralCF, GCMC, NCL, KGIN
+                                                    and MCCLK
 torch >= 2.6 loads with ``weights_only=True`` and   ``Trainer.evaluate(                 ``TrustedCheckpoint
 refuses RecBole's checkpoints (they pickle the      load_best_model=True)``             Mixin`` below
 ``Config``)
-pandas' CSV reader takes a field that starts with   ``Dataset._load_feat`` reads atomic  ``AtomicFilePandas``
-``"`` as quoted, so the title ``"C" Size Battery``  files with ``pd.read_csv``          below
+pandas' CSV reader takes a field that starts with   ``Dataset._load_feat`` reads atomic  ``atomic_files_
+``"`` as quoted, so the title ``"C" Size Battery``  files with ``pd.read_csv``          verbatim`` below
 is mangled or the whole file is rejected
 RecBole's DDP is CUDA-only: NCCL, ``cuda:rank``,    ``Config._init_device``,            ``LayerSelConfig``
 and ``DistributedDataParallel(device_ids=[rank])``  ``AbstractTrainer.__init__``        (registry.py),
@@ -27,23 +30,30 @@ Pins rather than shims where a pin works: a pin runs RecBole's code as its autho
 patching numpy or pandas would change them for every other library in the process. The checkpoint
 shim does not switch ``weights_only`` off: it unpickles only a file whose bytes this run wrote, and
 anything else still goes through torch's safe loader. The atomic-file shim changes only the ``pd`` that
-RecBole's dataset module sees, and only its ``read_csv``: atomic files are plain tab-separated text
-with no quoting convention. The device set-up takes over only where RecBole's would fail (no GPU, or a
-launcher's rendezvous); the trainer's DDP wrapper is RecBole's, built with CPU-valid arguments, its
-buffers sent once instead of every step, and one checkpoint name for all processes. Tests:
-``tests/test_compat.py``, one per row, and ``tests/test_distributed.py``.
+RecBole's dataset module sees, only its ``read_csv``, and only during our own ``create_dataset`` calls:
+atomic files are plain tab-separated text with no quoting convention, read verbatim, and a field that
+looks CSV-quoted (``"5"``) is kept as it is and reported with a warning. The device set-up takes over
+only where RecBole's would fail (no GPU, or a launcher's rendezvous); the trainer's DDP wrapper is
+RecBole's, built with CPU-valid arguments, its buffers sent once instead of every step, and one
+checkpoint name for all processes. Tests: ``tests/test_compat.py``, one per row, and
+``tests/test_distributed.py``.
 """
 
 import csv
+import hashlib
+import io
+import logging
 import os
 import pickle
 import warnings
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
 import numpy
 import pandas
 import recbole.data.dataset.dataset
+import scipy
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
@@ -52,33 +62,71 @@ from torch.nn.parallel import DistributedDataParallel
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import replaced_on_success, sha256_file
 
-PINS = {"numpy": (numpy.__version__, 2), "pandas": (pandas.__version__, 3)}
+logger = logging.getLogger(__name__)
+
+# name -> (installed version, first major.minor RecBole 1.2.1 breaks on)
+PINS = {"numpy": (numpy.__version__, "2"), "pandas": (pandas.__version__, "3"),
+        "scipy": (scipy.__version__, "1.13")}
 
 
 class AtomicFilePandas:
-    """pandas as RecBole's dataset module sees it, with ``read_csv`` that does no quote processing."""
+    """pandas as RecBole's dataset module sees it inside ``atomic_files_verbatim``: ``read_csv`` does
+    no quote processing, and reports the fields a CSV writer may have quoted."""
 
     def __getattr__(self, name):
         return getattr(pandas, name)
 
     @staticmethod
-    def read_csv(*args, **kwargs):
-        return pandas.read_csv(*args, quoting=csv.QUOTE_NONE, **kwargs)
+    def read_csv(filepath, *args, **kwargs):
+        frame = pandas.read_csv(filepath, *args, quoting=csv.QUOTE_NONE, **kwargs)
+        warn_quoted_fields(filepath, frame)
+        return frame
 
 
-def read_atomic_files_verbatim() -> None:
-    """Point RecBole's dataset module at ``AtomicFilePandas`` (``LayerSelConfig`` calls this)."""
-    recbole.data.dataset.dataset.pd = AtomicFilePandas()
+def warn_quoted_fields(filepath, frame: pandas.DataFrame) -> None:
+    """One warning for the file when string fields start and end with ``"``: read verbatim, ``"5"``
+    is another token than ``5``, which a file that went through a CSV writer may not mean."""
+    text = frame.select_dtypes(include="object")
+    quoted = text.apply(lambda column: column.str.len().ge(2) & column.str.startswith('"', na=False)
+                        & column.str.endswith('"', na=False))
+    rows, columns = numpy.nonzero(quoted.to_numpy())
+    if len(rows) == 0:
+        return
+    logger.warning(
+        f"{filepath}: {len(rows)} field(s) are wrapped in double quotes, e.g. "
+        f"{text.columns[columns[0]]} = {text.iat[rows[0], columns[0]]}. RecBole atomic files are "
+        "tab-separated and unquoted, so the quotes are kept as part of the value. If a CSV writer added "
+        "them, write the file again without quoting (csv.QUOTE_NONE)."
+    )
+
+
+@contextmanager
+def atomic_files_verbatim():
+    """RecBole atomic files are tab-separated and unquoted: every field is read verbatim, a leading or
+    trailing ``"`` included. Inside this block RecBole's dataset module reads them so
+    (``AtomicFilePandas``); on the way out, error or not, it gets its own ``pd`` back, so models and
+    libraries outside our dataset loads see pandas unchanged."""
+    module = recbole.data.dataset.dataset
+    recbole_pd = module.pd
+    module.pd = AtomicFilePandas()
+    try:
+        yield
+    finally:
+        module.pd = recbole_pd
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2])
 
 
 def check_pins() -> None:
-    """Fail early, with the fix, when the environment has a numpy or pandas RecBole cannot run on."""
-    for name, (version, first_bad_major) in PINS.items():
-        if int(version.split(".")[0]) >= first_bad_major:
+    """Fail early, with the fix, when the environment has a numpy, pandas or scipy RecBole cannot run on."""
+    for name, (version, first_bad) in PINS.items():
+        if _major_minor(version) >= _major_minor(first_bad):
             raise LayerSelError(
                 f"{name} {version} is installed, but RecBole 1.2.1 breaks on {name} >= "
-                f"{first_bad_major} (see recbole_layersel/compat.py). Fix: "
-                f'pip install "{name}<{first_bad_major}"'
+                f"{first_bad} (see recbole_layersel/compat.py). Fix: "
+                f'pip install "{name}<{first_bad}"'
             )
 
 
@@ -86,10 +134,13 @@ def load_checkpoint(path: str, trusted_sha256: dict[str, set[str]], device) -> d
     """Load a RecBole checkpoint: unpickled only if this run wrote exactly these bytes (``trusted_sha256``:
     path -> the sha256 of every version a process of this run wrote there)."""
     path = os.path.abspath(path)
-    if path in trusted_sha256 and sha256_file(path) in trusted_sha256[path]:
-        return torch.load(path, map_location=device, weights_only=False)
+    # One read: the bytes unpickled are the bytes hashed, even if the file is replaced in between.
+    with open(path, "rb") as file:
+        data = file.read()
+    if path in trusted_sha256 and hashlib.sha256(data).hexdigest() in trusted_sha256[path]:
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         raise LayerSelError(
             f"refusing to unpickle checkpoint {path}: this run did not write it (or it changed "

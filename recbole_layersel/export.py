@@ -61,7 +61,7 @@ def export_compact(model, directory: str | Path) -> Path:
         save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": FORMAT})
         (staging / META_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
-    write_folder(directory, write)
+    write_folder(directory, write, META_NAME)
     return directory
 
 

@@ -7,9 +7,12 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+
+from recbole_layersel.errors import LayerSelError
 
 
 def sha256_file(path: str | Path) -> str:
@@ -17,6 +20,26 @@ def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as file:
         while block := file.read(1 << 20):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """One hash of named tensors: their names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        # numpy has no bfloat16: hash floats as float64, which holds every float dtype exactly
+        digest.update((tensor.double() if tensor.is_floating_point() else tensor).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@cache
+def code_sha256() -> str:
+    """One hash of this package's source: a cached result is reused only by the code that computed it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -41,18 +64,38 @@ def write_atomic(path: Path, text: str) -> None:
         partial.write_text(text + "\n", encoding="utf-8")
 
 
-def write_folder(folder: Path, write) -> None:
+def write_folder(folder: Path, write, marker: str) -> None:
     """``write(staging)`` fills a new folder beside ``folder``, which then replaces ``folder``: a reader
-    sees the old folder or the new one, never half of one."""
+    sees the old folder or the new one, never half of one. ``marker`` names the file that every folder
+    we write holds (``write`` must create it): an existing ``folder`` without it is not ours, and is
+    refused rather than replaced."""
+    check_replaceable(folder, marker)
     old = None
     with replaced_on_success(folder) as staging:
         staging.mkdir()  # not mkdtemp: its 0700 mode would make the folder private to this user
         write(staging)
+        if not (staging / marker).is_file():
+            raise RuntimeError(f"write_folder: the writer did not create the marker file {marker!r}")
         if folder.exists():  # os.replace cannot replace a folder: move the old one aside, delete it last
             old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(folder, old)
     if old is not None:
         shutil.rmtree(old)
+
+
+def check_replaceable(folder: Path, marker: str) -> None:
+    """Refuse, naming the folder, to replace anything at ``folder`` that we did not write (an empty
+    folder holds nothing to lose and may be replaced)."""
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    ours_or_empty = (folder / marker).is_file() or not any(folder.iterdir()) if folder.is_dir() else False
+    if ours_or_empty and not folder.is_symlink():
+        return
+    raise LayerSelError(
+        f"{folder} already exists and was not written by recbole_layersel (it has no {marker}), so it is "
+        "left untouched. Give a path that does not exist yet, an empty folder, or one of our earlier "
+        "outputs, or move that one away first."
+    )
 
 
 def save_figure(figure, path: Path) -> None:

@@ -23,12 +23,11 @@ Artifacts, next to RecBole's log (``artifacts_dir``): importance.json, importanc
 selection.json, distillation.json.
 """
 
-import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -46,7 +45,7 @@ from recbole_layersel.distributed import (
     rank_and_world,
 )
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.files import StageCache, write_atomic
+from recbole_layersel.files import StageCache, code_sha256, tensors_sha256, write_atomic
 from recbole_layersel.importance import ImportanceResult, compute_importance, plot_importance_heatmap
 from recbole_layersel.selection import DATA_FREE_STRATEGIES, greedy_select, select_layers
 
@@ -64,10 +63,8 @@ class SequenceSample:
     targets: torch.Tensor
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        for tensor in (torch.tensor(self.users), self.item_seq, self.lengths, self.targets):
-            digest.update(tensor.numpy().tobytes())
-        return digest.hexdigest()
+        return tensors_sha256({"users": torch.tensor(self.users), "item_seq": self.item_seq,
+                               "lengths": self.lengths, "targets": self.targets})
 
 
 def sample_sequences(model, loader, size: int, max_items: int, seed: int, setting: str) -> SequenceSample:
@@ -154,13 +151,70 @@ def artifacts_dir(config) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class StageSettings:
+    """The config values one stage reads, and the only way it reads them: the fields are part of the
+    stage's cache key, so no setting that changes a result can be left out of it."""
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{field.name: config[field.name] for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class ImportanceSettings(StageSettings):
+    seed: int
+    learning_rate: float  # the heads warm up at ten times the training rate
+    importance_sample_users: int
+    importance_max_items: int
+    importance_batch_size: int
+    importance_warmup_steps: int
+    importance_weights: dict | None
+    attention_top_k: int
+    llm_quantization: str | None
+
+
+@dataclass(frozen=True)
+class SelectionSettings(StageSettings):
+    layer_strategy: str
+    selected_layers: list | None
+    num_layers: int
+    selection_proxy: str
+    selection_sample_users: int
+    selection_patience: int
+    selection_min_gain: float
+    selection_max_evaluations: int | None
+    selection_max_seconds: float | None
+
+
+@dataclass(frozen=True)
+class DistillSettings(StageSettings):
+    distill_steps: int
+    distill_lr: float
+    distill_reg_lambda: float
+    distill_layerwise: bool
+    mlp_bridges: bool
+    bridge_rank: int | None
+
+
+def seeded_backbone(llm, selected: list[int], seed: int, mlp_bridges: bool, bridge_rank) -> CompactBackbone:
+    """The compact backbone with bridges initialised from ``seed``, not from the global random state
+    (which the stages before it consume differently on a cache hit and a miss); the global state is
+    left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CompactBackbone(llm, selected, mlp_bridges=mlp_bridges, bridge_rank=bridge_rank)
+
+
 def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone:
     """Importance, selection and distillation for ``model`` (a LayerSelLLM still holding the full
     backbone); returns the compact backbone to train. ``llm`` is the loaded source model."""
     config, compact_model = model.config, model.compact
     full = compact_model.backbone
     total = full.num_source_layers
-    strategy, explicit = config["layer_strategy"], config["selected_layers"]
+    imp, sel, dist = (settings.from_config(config)
+                      for settings in (ImportanceSettings, SelectionSettings, DistillSettings))
+    strategy, explicit = sel.layer_strategy, sel.selected_layers
     # Under a process group every process computes the same results; the first one writes them.
     writes = is_main()
     world = rank_and_world()[1]
@@ -168,16 +222,19 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
         logger.info(f"Pre-training hooks run data-parallel over {world} processes.")
     out_dir = artifacts_dir(config) if writes else None
     cache = StageCache(model.cache_dir)
-    batch_size = config["importance_batch_size"]
+    batch_size = imp.importance_batch_size
 
-    sample = sample_sequences(model, train_data, config["importance_sample_users"],
-                              config["importance_max_items"], config["seed"], "importance_sample_users")
+    sample = sample_sequences(model, train_data, imp.importance_sample_users, imp.importance_max_items,
+                              imp.seed, "importance_sample_users")
     inputs = compact_model.title_inputs[sample.item_seq]
     mask = (sample.item_seq != 0).long()
-    base_key = {"llm": model.llm_fingerprint, "dataset": config["dataset"], "sample": sample.sha256(),
-                "titles": model.titles_sha256}
-    if config["llm_quantization"]:  # only then: caches written before the key existed stay valid
-        base_key["quantization"] = config["llm_quantization"]
+    # What every stage reads: the model's weights (by file), the code, the sample, and the fixed and
+    # initial tensors of the recommender (title embeddings in the backbone's dtype, heads).
+    read = {name: tensor for name, tensor in compact_model.state_dict().items()
+            if not name.startswith("backbone.")}
+    importance_key = {"stage": "importance", "code": code_sha256(), "llm": model.llm_fingerprint,
+                      "dtype": str(full.dtype), "sample": sample.sha256(), "tensors": tensors_sha256(read),
+                      **asdict(imp)}
 
     # The warm-up below trains the heads; every strategy must start RecBole's training from the same
     # heads, so they are put back at the end.
@@ -185,17 +242,14 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                      if not name.startswith("backbone.")}
     needs_importance = explicit is None and strategy not in DATA_FREE_STRATEGIES
     importance, teacher = None, None
-    importance_key = {**base_key, "stage": "importance", "weights": config["importance_weights"],
-                      "top_k": config["attention_top_k"], "warmup": config["importance_warmup_steps"],
-                      "batch_size": batch_size}
     if needs_importance:
         cached = from_main(lambda: cache.load_json("importance", importance_key))
         # One no-grad pass gives the warm-up states and, should importance come from the cache, the
         # teacher that distillation needs; otherwise the importance pass below returns the teacher.
         teacher = _teacher_states(full, inputs, mask, batch_size,
-                                  per_layer=cached is not None and config["distill_layerwise"])
+                                  per_layer=cached is not None and dist.distill_layerwise)
         warm_up_heads(compact_model, _last(teacher["last"], sample.lengths), sample.item_seq, sample.targets,
-                      config["importance_warmup_steps"], config["learning_rate"] * 10)
+                      imp.importance_warmup_steps, imp.learning_rate * 10)
         broadcast_parameters(compact_model, skip_prefix="backbone.")  # GPU kernels may differ by a bit
         if cached is not None:
             importance = ImportanceResult(**cached)
@@ -206,8 +260,8 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                 return nn.functional.cross_entropy(logits, sample.targets[rows])
 
             importance, teacher = compute_importance(
-                full, inputs, mask, rec_loss, weights=config["importance_weights"],
-                attention_top_k=config["attention_top_k"], batch_size=batch_size)
+                full, inputs, mask, rec_loss, weights=imp.importance_weights,
+                attention_top_k=imp.attention_top_k, batch_size=batch_size)
             if writes:
                 cache.save_json("importance", importance_key, importance.to_json())
         if out_dir is not None:
@@ -217,57 +271,49 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
                                     title=f"{model.llm_path} on {config['dataset']}")
         logger.info(f"Fused layer importance (most important first): {importance.ranking}")
 
-    selection_key = {**importance_key, "stage": "selection", "strategy": strategy, "explicit": explicit,
-                     "k": config["num_layers"], "proxy": config["selection_proxy"],
-                     "patience": config["selection_patience"], "min_gain": config["selection_min_gain"],
-                     "max_evaluations": config["selection_max_evaluations"],
-                     "valid_users": config["selection_sample_users"], "seed": config["seed"]}
-    distill_steps = config["distill_steps"]
-    if distill_steps and teacher is None:  # full-model states, taken before any compact model is built
+    if dist.distill_steps and teacher is None:  # full-model states, taken before any compact model is built
         # Layer-wise distillation needs importance, so this teacher never needs per-layer outputs.
         teacher = _teacher_states(full, inputs, mask, batch_size, per_layer=False)
-    selection = from_main(lambda: cache.load_json("selection", selection_key)) \
-        if strategy == "importance" and needs_importance else None
-    if selection is None:
-        if strategy == "importance" and explicit is None:
-            selection = _greedy(model, llm, full, valid_data, config, importance.ranking).to_json()
+    selection_key = {**importance_key, "stage": "selection", **asdict(sel)}
+    if strategy == "importance" and explicit is None:
+        valid_sample = sample_sequences(model, valid_data, sel.selection_sample_users,
+                                        imp.importance_max_items, imp.seed + 1, "selection_sample_users")
+        selection_key["valid_sample"] = valid_sample.sha256()
+        selection = from_main(lambda: cache.load_json("selection", selection_key))
+        if selection is None:
+            selection = _greedy(compact_model, llm, full, valid_sample, sel, batch_size,
+                                importance.ranking).to_json()
             if writes:
                 cache.save_json("selection", selection_key, selection)
-        else:
-            selection = {"selected": select_layers(total, selected_layers=explicit, strategy=strategy,
-                                                   num_layers=config["num_layers"], seed=config["seed"],
-                                                   importance=importance),
-                         "stop_reason": "given" if explicit is not None else "strategy", "trajectory": []}
+    else:
+        selection = {"selected": select_layers(total, selected_layers=explicit, strategy=strategy,
+                                               num_layers=sel.num_layers, seed=imp.seed,
+                                               importance=importance),
+                     "stop_reason": "given" if explicit is not None else "strategy", "trajectory": []}
     selected = selection["selected"]
     if out_dir is not None:
         write_atomic(out_dir / "selection.json", json.dumps({"strategy": strategy, **selection}, indent=1))
     logger.info(f"Selected layers ({strategy}): {selected} ({selection['stop_reason']})")
 
-    compact = CompactBackbone(llm, selected, mlp_bridges=config["mlp_bridges"],
-                              bridge_rank=config["bridge_rank"])
-    broadcast_parameters(compact.bridges)  # random low-rank inits differ per process
-    if distill_steps and any(bridge.kind != "identity" for bridge in compact.bridges):
-        distill_key = {**selection_key, "stage": "distill", "selected": selected, "steps": distill_steps,
-                       "lr": config["distill_lr"], "reg": config["distill_reg_lambda"],
-                       "layerwise": config["distill_layerwise"], "mlp": config["mlp_bridges"],
-                       "rank": config["bridge_rank"]}
+    compact = seeded_backbone(llm, selected, imp.seed, dist.mlp_bridges, dist.bridge_rank)
+    if dist.distill_steps and any(bridge.kind != "identity" for bridge in compact.bridges):
+        distill_key = {**selection_key, "stage": "distill", "selected": selected, **asdict(dist)}
         bridges, report = from_main(lambda: (cache.load_tensors("distill", distill_key),
                                              cache.load_json("distill", distill_key)))
         if bridges is None or report is None:
-            layerwise = config["distill_layerwise"]
-            if layerwise and importance is None:
+            if dist.distill_layerwise and importance is None:
                 raise LayerSelError(
                     "distill_layerwise=True weights layers by Fisher importance and needs the importance "
                     "pass; use layer_strategy=importance (or block_influence, contiguous, magnitude), or set "
                     "distill_layerwise=False."
                 )
-            fisher = importance.normalised["fisher"] if layerwise else None
+            fisher = importance.normalised["fisher"] if dist.distill_layerwise else None
             report = distill_bridges(
                 compact, inputs, mask, teacher["last"],
-                teacher_per_layer=teacher["per_layer"] if layerwise else None,
-                layer_weights={i: fisher[i] for i in selected} if layerwise else None,
-                reg_lambda=config["distill_reg_lambda"], steps=distill_steps, lr=config["distill_lr"],
-                batch_size=batch_size, seed=config["seed"]).to_json()
+                teacher_per_layer=teacher["per_layer"] if dist.distill_layerwise else None,
+                layer_weights={i: fisher[i] for i in selected} if dist.distill_layerwise else None,
+                reg_lambda=dist.distill_reg_lambda, steps=dist.distill_steps, lr=dist.distill_lr,
+                batch_size=batch_size, seed=imp.seed).to_json()
             if writes:
                 cache.save_tensors("distill", distill_key, compact.bridges.state_dict())
                 cache.save_json("distill", distill_key, report)
@@ -284,17 +330,14 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
     return compact
 
 
-def _greedy(model, llm, full, valid_data, config, ranking: list[int]):
+def _greedy(compact_model, llm, full, sample: SequenceSample, settings: SelectionSettings, batch_size: int,
+            ranking: list[int]):
     """Greedy selection with the configured proxy on a validation sample."""
-    proxy = config["selection_proxy"]
+    proxy = settings.selection_proxy
     if proxy not in PROXIES:
         raise LayerSelError(f"selection_proxy={proxy!r}; use one of {PROXIES}.")
-    compact_model = model.compact
-    sample = sample_sequences(model, valid_data, config["selection_sample_users"],
-                              config["importance_max_items"], config["seed"] + 1, "selection_sample_users")
     inputs = compact_model.title_inputs[sample.item_seq]
     mask = (sample.item_seq != 0).long()
-    batch_size = config["importance_batch_size"]
     full_last = None  # the ndcg proxy needs no full-model states
     if proxy == "fidelity":
         full_last = _last(_final_states(full, inputs, mask, batch_size), sample.lengths)
@@ -307,8 +350,8 @@ def _greedy(model, llm, full, valid_data, config, ranking: list[int]):
         scores = compact_model.scores(compact_model.user_vectors(last), sample.item_seq)
         return _ndcg_at_10(scores, sample.targets)
 
-    return greedy_select(ranking, evaluate, target_k=config["num_layers"],
-                         patience=config["selection_patience"], min_gain=config["selection_min_gain"],
-                         max_evaluations=config["selection_max_evaluations"],
-                         max_seconds=config["selection_max_seconds"],
+    return greedy_select(ranking, evaluate, target_k=settings.num_layers,
+                         patience=settings.selection_patience, min_gain=settings.selection_min_gain,
+                         max_evaluations=settings.selection_max_evaluations,
+                         max_seconds=settings.selection_max_seconds,
                          clock=lambda: main_value(time.perf_counter()))  # one time budget for all

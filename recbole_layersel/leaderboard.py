@@ -28,6 +28,7 @@ plots NDCG@10 against the layers kept, next to the speed-ups of ``--bench`` (a `
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -43,20 +44,27 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
+from recbole_layersel import __version__
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.files import save_figure, write_atomic
+from recbole_layersel.files import save_figure, sha256_file, write_atomic
 
 METRICS = ("ndcg@5", "ndcg@10", "mrr@10", "precision@10", "recall@10", "hit@10")
 REFERENCES = ("SASRec", "LayerSelLLM-full")
 STRATEGIES = ("importance", "random", "uniform", "last", "block_influence", "contiguous", "magnitude")
-# The issue's entries, in table order. SmolLM2 has 30 layers: LayerSelLLM-full keeps them all.
+# The default entries, in table order. LayerSelLLM-full keeps every layer of the model.
 DEFAULT_ENTRIES = ["BPR", "SASRec", "LayerSelLLM-full", *[f"LayerSelLLM-{s}" for s in STRATEGIES],
                    "LayerSelLLM-importance-int8"]
 ENTRIES = {
     "BPR": ("BPR", {}),
     "SASRec": ("SASRec", {}),
-    "LayerSelLLM-full": ("LayerSelLLM", {"layer_strategy": "first", "num_layers": 30, "distill_steps": 0}),
+    "LayerSelLLM-full": ("LayerSelLLM", {"layer_strategy": "first", "num_layers": "all", "distill_steps": 0}),
 }
+# Settings that say where or how visibly a run happens, not what it computes: a finished run is reused
+# whatever they were.
+ENVIRONMENT_KEYS = frozenset({
+    "data_path", "checkpoint_dir", "llm_cache_dir", "artifacts_dir", "device", "gpu_id", "use_gpu",
+    "local_rank", "single_spec", "state", "show_progress", "worker", "nproc", "world_size", "ip", "port",
+    "offset"})
 _LLM_ENTRY = re.compile(r"LayerSelLLM-(?P<strategy>[a-z_]+)(?:-k(?P<k>[0-9]+))?(?P<int8>-int8)?"
                         r"(?:@(?P<source>[\w.-]+))?")
 
@@ -105,20 +113,77 @@ def _run_one(model: str, dataset: str, config_dict: dict, queue) -> None:
     try:
         result = run_recbole(model, dataset, config_dict=config_dict)
         if config_dict.get("hooks_only"):
-            queue.put({"status": "ok", **result})
-            return
-        keep = ("train_seconds", "test_seconds", "test_users", "inference_users_per_second", "parameters",
-                "trainable_parameters", "selected_layers")
-        queue.put({"status": "ok", "test": dict(result["test_result"]), **{k: result[k] for k in keep}})
+            record = {"status": "ok", **result}
+        else:
+            keep = ("train_seconds", "test_seconds", "test_users", "inference_users_per_second",
+                    "parameters", "trainable_parameters", "selected_layers")
+            record = {"status": "ok", "test": dict(result["test_result"]), **{k: result[k] for k in keep}}
     except Exception as error:  # reported in the table as a failed run, with its message
-        queue.put({"status": "failed", "error": f"{type(error).__name__}: {error}",
-                   "traceback": traceback.format_exc()})
+        record = {"status": "failed", "error": f"{type(error).__name__}: {error}",
+                  "traceback": traceback.format_exc()}
+    queue.put({**record, "code": loaded_code()})
 
 
-def _finished(path: Path, run, identity: dict) -> dict:
-    """The record at ``path``, or ``run()``'s (a dict, run in a child process) written there first."""
+def loaded_code() -> dict[str, str]:
+    """The sha256 of each of this package's modules that this process loaded (the run's code), the
+    leaderboard itself aside."""
+    return {name: sha256_file(module.__file__) for name, module in sorted(sys.modules.items())
+            if name.startswith("recbole_layersel.") and name != __name__
+            and getattr(module, "__file__", None)}
+
+
+def resolved_config(model: str, dataset: str, config_dict: dict) -> dict:
+    """RecBole's final config of a run (yaml defaults, dataset config and ``config_dict`` merged), as
+    JSON, without the keys that say where a run happens (``ENVIRONMENT_KEYS``)."""
+    from recbole_layersel.registry import LayerSelConfig
+
+    argv, sys.argv = sys.argv, sys.argv[:1]  # RecBole's Config reads the command line; ours is not for it
+    try:
+        config = LayerSelConfig(model, dataset, config_dict=config_dict)
+    finally:
+        sys.argv = argv
+    final = json.loads(json.dumps(config.final_config_dict, default=str))
+    return {key: value for key, value in sorted(final.items()) if key not in ENVIRONMENT_KEYS}
+
+
+def changes(record: dict, identity: dict) -> list[str]:
+    """How a finished run's record differs from the run its file stands for now: config, version, code."""
+    if "config" not in record:
+        return ["config was not recorded (a run from before configs were recorded)"]
+    found = []
+    before, now = record["config"], identity["config"]
+    differing = [key for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    if differing:
+        found.append("config differs: " + ", ".join(
+            f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in differing[:6]))
+    if record.get("version") != identity["version"]:
+        found.append(f"version {record.get('version')} -> {identity['version']}")
+    stale = [name for name, digest in record.get("code", {}).items() if _module_sha256(name) != digest]
+    if stale:
+        found.append(f"code changed since: {', '.join(stale)}")
+    return found
+
+
+def _module_sha256(name: str) -> str | None:
+    spec = importlib.util.find_spec(name)
+    return sha256_file(spec.origin) if spec is not None and spec.origin else None
+
+
+def _finished(path: Path, run, identity: dict, redo_changed: bool, retry_failed: bool) -> dict:
+    """The record at ``path`` when it is a finished run of the same config and code, or ``run()``'s (a
+    dict, run in a child process) written there. A record of another config or code is refused, or run
+    again with ``redo_changed``; a failed one is run again with ``retry_failed``."""
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
+        changed = changes(record, identity)
+        if changed and not redo_changed:
+            raise LayerSelError(
+                f"{path} holds a finished run that no longer matches its entry: {'; '.join(changed)}. "
+                "Pass --redo-changed to run it again (the file is replaced when the new run finishes), "
+                "or --tables-only to tabulate the runs as they are."
+            )
+        if not changed and not (retry_failed and record["status"] != "ok"):
+            return record
     record = run() | identity
     write_atomic(path, json.dumps(record, indent=1))
     return record
@@ -139,7 +204,7 @@ def _in_child(model: str, dataset: str, config_dict: dict) -> dict:
                 return {"status": "failed", "error": f"the run's process exited with code {process.exitcode}"}
 
 
-def source_selection(source: str, seed: int, out: Path, extra: dict) -> dict:
+def source_selection(source: str, seed: int, out: Path, extra: dict, **options) -> dict:
     """The layers ``LayerSelLLM-importance`` chose on ``source`` with ``seed``: from its finished run, or
     from a hooks-only run (importance and selection, no training) recorded in runs/<source>/selection/."""
     run = out / "runs" / source / "LayerSelLLM-importance" / f"seed{seed}.json"
@@ -148,27 +213,32 @@ def source_selection(source: str, seed: int, out: Path, extra: dict) -> dict:
         return record
     config_dict = {**extra, "layer_strategy": "importance", "hooks_only": True, "distill_steps": 0,
                    "seed": seed}
+    identity = {"entry": "selection", "dataset": source, "seed": seed, "version": __version__,
+                "config": resolved_config("LayerSelLLM", source, config_dict)}
     return _finished(out / "runs" / source / "selection" / f"seed{seed}.json",
-                     lambda: _in_child("LayerSelLLM", source, config_dict),
-                     {"entry": "selection", "dataset": source, "seed": seed})
+                     lambda: _in_child("LayerSelLLM", source, config_dict), identity, **options)
 
 
-def run_entry(name: str, dataset: str, seed: int, out: Path, extra: dict) -> dict:
+def run_entry(name: str, dataset: str, seed: int, out: Path, extra: dict, redo_changed: bool = False,
+              retry_failed: bool = False) -> dict:
     """One finished run: read from its file, or run now (in a child process) and write the file."""
     model, settings, source = entry_settings(name)
+    options = {"redo_changed": redo_changed, "retry_failed": retry_failed}
+    config_dict = {**settings, **extra, "seed": seed}
 
     def run() -> dict:
         if source is None:
-            return _in_child(model, dataset, {**settings, **extra, "seed": seed})
-        selection = source_selection(source, seed, out, extra)
+            return _in_child(model, dataset, config_dict)
+        selection = source_selection(source, seed, out, extra, **options)
         if selection["status"] != "ok":
             return {"status": "failed", "error": f"selection on {source} failed: {selection['error']}"}
-        chosen = {**settings, "selected_layers": selection["selected_layers"]}
-        return _in_child(model, dataset, {**chosen, **extra, "seed": seed})
+        return _in_child(model, dataset, {**config_dict, "selected_layers": selection["selected_layers"]})
 
+    # A cross-domain entry's config is recorded without the layers it takes from its source's run.
     identity = {"entry": name, "model": model, "dataset": dataset, "seed": seed,
-                "settings": {**settings, **extra}}
-    return _finished(out / "runs" / dataset / name / f"seed{seed}.json", run, identity)
+                "settings": {**settings, **extra}, "version": __version__,
+                "config": resolved_config(model, dataset, config_dict)}
+    return _finished(out / "runs" / dataset / name / f"seed{seed}.json", run, identity, **options)
 
 
 def summarise(records: list[dict], entries: list[str]) -> list[dict]:
@@ -326,6 +396,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results")
     parser.add_argument("--tables-only", action="store_true",
                         help="rewrite the tables and charts from the finished runs; start no run")
+    parser.add_argument("--redo-changed", action="store_true",
+                        help="run again every finished run whose recorded config, version or code differs "
+                             "(otherwise such a run stops the leaderboard with an error)")
+    parser.add_argument("--retry-failed", action="store_true", help="run again every run that failed")
     parser.add_argument("--bench", default=None, help="bench.json whose speed-ups the frontier plot shows")
     parser.add_argument("--set", nargs="*", default=[], metavar="[ENTRY.]KEY=VALUE",
                         help="settings for every run, e.g. epochs=1, or for one entry, e.g. SASRec.epochs=5 "
@@ -359,10 +433,16 @@ def main(argv=None) -> int:
         records = [json.loads(path.read_text(encoding="utf-8")) for path in paths if path.is_file()]
         print(write_tables(records, args.entries, args.dataset, out, planned, bench))
         return 0
-    for seed in args.seeds:  # seed by seed: a leaderboard stopped early has every entry on its first seeds
-        for name in args.entries:
-            records.append(run_entry(name, args.dataset, seed, out, extra[name]))
-            markdown = write_tables(records, args.entries, args.dataset, out, planned, bench)
+    options = {"redo_changed": args.redo_changed, "retry_failed": args.retry_failed}
+    try:
+        # Seed by seed: a leaderboard stopped early has every entry on its first seeds.
+        for seed in args.seeds:
+            for name in args.entries:
+                records.append(run_entry(name, args.dataset, seed, out, extra[name], **options))
+                markdown = write_tables(records, args.entries, args.dataset, out, planned, bench)
+    except LayerSelError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(markdown)
     return 0
 

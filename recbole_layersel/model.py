@@ -35,10 +35,11 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 from tqdm import tqdm
 
-from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.backbone import CompactBackbone, is_causal, position_limit
 from recbole_layersel.distributed import all_reduce_sum, broadcast_parameters, rank_and_world
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.hooks import run_pretraining_hooks
+from recbole_layersel.files import code_sha256
+from recbole_layersel.hooks import run_pretraining_hooks, seeded_backbone
 from recbole_layersel.llm import default_cache_dir, load_llm, resolve_llm
 from recbole_layersel.selection import DATA_FREE_STRATEGIES, check_strategy, select_layers
 from recbole_layersel.titles import cached_title_embeddings, encode_titles, item_titles
@@ -194,12 +195,12 @@ class LayerSelLLM(SequentialRecommender):
         # kept layers do (CompactRecommender below) and the others are never materialised there.
         llm, tokenizer = load_llm(str(llm_path), dtype=DTYPES[config["llm_dtype"]],
                                   quantization=config["llm_quantization"], device=device)
+        self._check_backbone_fits(llm.config, config["llm_path"])
         titles = item_titles(dataset, config["title_field"])
-        settings = {name: config[name] for name in ("title_max_tokens", "title_pooling", "llm_dtype")}
-        if config["llm_quantization"]:  # only then: caches written before the key existed stay valid
-            settings["llm_quantization"] = config["llm_quantization"]
-        key = {"llm": llm_fingerprint(llm_path), "dataset": config["dataset"], **settings,
-               "titles_sha256": hashlib.sha256("\n".join(titles).encode()).hexdigest()}
+        settings = {name: config[name]
+                    for name in ("title_max_tokens", "title_pooling", "llm_dtype", "llm_quantization")}
+        key = {"llm": llm_fingerprint(llm_path), "dataset": config["dataset"], "code": code_sha256(),
+               **settings, "titles_sha256": hashlib.sha256("\n".join(titles).encode()).hexdigest()}
         encoded = cached_title_embeddings(cache_dir, key, partial(
             _encode_titles_on, device, llm, tokenizer, titles, max_tokens=config["title_max_tokens"],
             pooling=config["title_pooling"], batch_size=config["title_batch_size"],
@@ -217,6 +218,8 @@ class LayerSelLLM(SequentialRecommender):
                               "dropout": config["lora_dropout"], "targets": config["lora_target_modules"]}
 
         num_source_layers, explicit = llm.config.num_hidden_layers, config["selected_layers"]
+        if config["num_layers"] == "all":  # every layer, however many this model has
+            config["num_layers"] = num_source_layers
         if explicit is None:
             check_strategy(config["layer_strategy"], config["num_layers"], num_source_layers)
         hooks_needed = config["distill_steps"] or (
@@ -228,10 +231,10 @@ class LayerSelLLM(SequentialRecommender):
             backbone = CompactBackbone(llm, list(range(num_source_layers))).requires_grad_(False)
             self._source_llm = (llm,)
         else:
-            backbone = CompactBackbone(llm, select_layers(
+            backbone = seeded_backbone(llm, select_layers(
                 num_source_layers, selected_layers=explicit, strategy=config["layer_strategy"],
-                num_layers=config["num_layers"], seed=config["seed"]), mlp_bridges=config["mlp_bridges"],
-                bridge_rank=config["bridge_rank"])
+                num_layers=config["num_layers"], seed=config["seed"]), config["seed"], config["mlp_bridges"],
+                config["bridge_rank"])
             self._source_llm = ()
         del llm  # without hooks, the unselected layers, token embeddings and any head are freed here
         self.compact = CompactRecommender(backbone, encoded["inputs"], encoded["outputs"],
@@ -239,7 +242,9 @@ class LayerSelLLM(SequentialRecommender):
         if not hooks_needed:
             self._prepare_backbone_for_training()
         self.state_batch_size = config["state_batch_size"]
-        self.frozen_states: dict[int, torch.Tensor] = {}  # user -> (history length, H) backbone states
+        # user -> (the history read, its backbone states (length, H)); a row reuses them only when its
+        # own history is a prefix of the one read, so another history for a known user is recomputed.
+        self.frozen_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.loss_fct = nn.CrossEntropyLoss()
 
     def _check_histories_fit(self, dataset) -> None:
@@ -251,6 +256,23 @@ class LayerSelLLM(SequentialRecommender):
                 f"row is a prefix of one pass per user; MAX_ITEM_LIST_LENGTH={self.max_seq_length}, but "
                 f"histories reach at least {longest} items. Set MAX_ITEM_LIST_LENGTH to "
                 f"{max(longest, 2 * self.max_seq_length)} or more, or use train_mode=lora."
+            )
+
+    def _check_backbone_fits(self, llm_config, llm_path: str) -> None:
+        if self.train_mode == "frozen" and not is_causal(llm_config):
+            raise LayerSelError(
+                f"llm_path={llm_path!r} is a bidirectional encoder ({llm_config.model_type}): the state "
+                "after t items would read the items that follow, so frozen mode's one pass per user would "
+                "show each training prefix its own target. Use train_mode=lora (one pass per row), or a "
+                "causal model (Llama, Qwen, Gemma, GPT-2)."
+            )
+        limit = position_limit(llm_config)
+        if limit is not None and self.max_seq_length > limit:
+            raise LayerSelError(
+                f"MAX_ITEM_LIST_LENGTH={self.max_seq_length}, but llm_path={llm_path!r} "
+                f"({llm_config.model_type}) has learned position embeddings for at most {limit} positions. "
+                f"Set MAX_ITEM_LIST_LENGTH to at most {limit}, or use a model with rotary positions "
+                "(Llama, Qwen, Gemma)."
             )
 
     def export_beside_checkpoint(self, checkpoint_file: str) -> None:
@@ -322,8 +344,9 @@ class LayerSelLLM(SequentialRecommender):
 
     @torch.no_grad()
     def _compute_frozen_states(self, users: list[int], item_seq: torch.Tensor, item_seq_len: torch.Tensor,
-                               data_parallel: bool = False):
-        """Backbone states of every position of each history, kept per user. With ``data_parallel``
+                               data_parallel: bool = False) -> list[torch.Tensor]:
+        """Backbone states of every position of each history (returned, and kept per user with the
+        history they were computed from). With ``data_parallel``
         (called by every process at once) each process runs its share of the batches and an all-reduce
         gives all of them every state; scoring calls it per process, for the users it is missing."""
         was_training = self.compact.training
@@ -344,9 +367,11 @@ class LayerSelLLM(SequentialRecommender):
                 states[ends[index] - lengths[index]:ends[index]] = batch_states[row, :lengths[index]]
         if data_parallel:
             states = all_reduce_sum(states)
+        per_history = [states[end - length:end] for end, length in zip(ends, lengths, strict=True)]
         for index, user in enumerate(users):
-            self.frozen_states[user] = states[ends[index] - lengths[index]:ends[index]]
+            self.frozen_states[user] = (item_seq[index, :lengths[index]].to(self.device), per_history[index])
         self.compact.train(was_training)
+        return per_history
 
     def last_states(self, interaction) -> torch.Tensor:
         if self._source_llm:
@@ -360,10 +385,18 @@ class LayerSelLLM(SequentialRecommender):
             return self.compact.last_states(item_seq, item_seq_len)
         users, lengths = interaction[self.USER_ID].tolist(), item_seq_len.tolist()
         missing = [i for i, (u, n) in enumerate(zip(users, lengths, strict=True))
-                   if len(self.frozen_states.get(u, ())) < n]
+                   if not self._has_states(u, item_seq[i, :n])]
+        computed = {}  # row -> states, read from here: rows of one user may hold different histories
         if missing:
-            self._compute_frozen_states([users[i] for i in missing], item_seq[missing], item_seq_len[missing])
-        return torch.stack([self.frozen_states[u][n - 1] for u, n in zip(users, lengths, strict=True)])
+            computed = dict(zip(missing, self._compute_frozen_states(
+                [users[i] for i in missing], item_seq[missing], item_seq_len[missing]), strict=True))
+        return torch.stack([computed[i][n - 1] if i in computed else self.frozen_states[u][1][n - 1]
+                            for i, (u, n) in enumerate(zip(users, lengths, strict=True))])
+
+    def _has_states(self, user: int, history: torch.Tensor) -> bool:
+        known = self.frozen_states.get(user)
+        return known is not None and len(known[0]) >= len(history) and torch.equal(known[0][:len(history)],
+                                                                                   history)
 
     def forward(self, interaction) -> torch.Tensor:
         """User vectors (B, embedding_size)."""

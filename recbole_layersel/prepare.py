@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.files import write_folder
+from recbole_layersel.files import check_replaceable, write_folder
 
 SHOWN = 5  # line numbers / examples kept per kind: enough to find the problem, bounded for a broken file
 ID = re.compile(r"\S+")
@@ -316,6 +316,7 @@ def prepare(source: str, ratings, meta, out, name: str, k: int = 5, sample: int 
             seed: int = 0) -> dict:
     """Write ``<out>/<name>/`` from the raw files; returns the report (also in ``<name>.prepare.json``)."""
     spec = check_inputs(source, ratings, meta, name, k, sample)
+    check_replaceable(Path(out) / name, f"{name}.prepare.json")  # before hours of reading, not after
     ratings_report, meta_report = FileReport(str(ratings)), FileReport(str(meta))
     report = {"source": source, "k_core": k, "sample_users": sample, "seed": seed if sample else None,
               "files": {"ratings": ratings_report, "meta": meta_report}}
@@ -362,7 +363,7 @@ def prepare(source: str, ratings, meta, out, name: str, k: int = 5, sample: int 
         _write_items(staging / f"{name}.item", final_items, titles)
         (staging / f"{name}.prepare.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
-    write_folder(Path(out) / name, write)
+    write_folder(Path(out) / name, write, f"{name}.prepare.json")
     return report
 
 

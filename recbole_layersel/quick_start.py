@@ -12,10 +12,12 @@ import torch.distributed as dist
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
-from recbole_layersel.compat import check_pins, compat_trainer
+from recbole_layersel.compat import atomic_files_verbatim, check_pins, compat_trainer
 from recbole_layersel.distributed import is_main, launcher_settings
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.export import export_compact
+from recbole_layersel.export import META_NAME, export_compact
+from recbole_layersel.files import check_replaceable
+from recbole_layersel.llm import check_llm_path
 from recbole_layersel.registry import LayerSelConfig, get_trainer_class
 
 
@@ -58,6 +60,8 @@ def check_config(config) -> None:
             f"export_dir={config['export_dir']!r} with quantize={config['quantize']!r}: int8 models cannot "
             "be exported (packed weights, not tensors). Remove one of the two."
         )
+    if config["export_dir"]:  # before training, not after it
+        check_replaceable(Path(config["export_dir"]).resolve(), META_NAME)
     title_field = config["title_field"] if getattr(config.model_class, "needs_titles", False) else None
     check_dataset_files(config["data_path"], config["dataset"], title_field)
     if title_field is not None:
@@ -67,6 +71,8 @@ def check_config(config) -> None:
                 f"title_field={title_field!r} is not loaded: load_col.item is {item_columns}. "
                 f"Add it, e.g. load_col: {{item: [item_id, {title_field}]}}."
             )
+        # The model resolves llm_path only after init_logger has created log/; check its form here.
+        check_llm_path(config["llm_path"])
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -92,7 +98,8 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     logger.info(sys.argv)
     logger.info(config)
 
-    dataset = create_dataset(config)
+    with atomic_files_verbatim():
+        dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
 

@@ -8,10 +8,14 @@ after RecBole's internal defaults::
     < properties/<Model>.yaml            (plugin model defaults)
     < dataset_configs/<dataset>.yaml     (loaded automatically when present)
     < config files < config_dict < command line  (RecBole's usual order)
+
+A dataset without a yaml, run without ``load_col``, gets the shipped yamls' protocol and the columns its
+atomic files' headers name (``LayerSelConfig._derive_dataset_config``).
 """
 
 import importlib
 import re
+from logging import getLogger
 from pathlib import Path
 
 import recbole.model
@@ -21,12 +25,21 @@ from recbole.config import Config
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
-from recbole_layersel.compat import read_atomic_files_verbatim
 from recbole_layersel.errors import LayerSelError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROPERTIES_DIR = REPO_ROOT / "properties"
 DATASET_CONFIGS_DIR = REPO_ROOT / "dataset_configs"
+DATASET_TEMPLATE = "TEMPLATE.yaml.example"  # in DATASET_CONFIGS_DIR; not <dataset>.yaml, so never loaded
+
+# RecBole's sequential benchmark protocol, as every shipped dataset_configs/*.yaml sets it: time-ordered
+# leave-one-out, full ranking. A dataset without a yaml gets it too.
+SEQUENTIAL_PROTOCOL = {
+    "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+    "metrics": ["NDCG", "MRR", "Precision", "Recall", "Hit"],
+    "topk": [5, 10],
+    "valid_metric": "NDCG@10",
+}
 
 # Plugin model name -> "module:class". Imported lazily, so that running a RecBole baseline never
 # imports transformers.
@@ -79,10 +92,6 @@ def get_trainer_class(config: Config) -> type:
 class LayerSelConfig(Config):
     """RecBole's ``Config`` that knows the plugin's models and reads the plugin's yaml defaults."""
 
-    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
-        read_atomic_files_verbatim()
-        super().__init__(model, dataset, config_file_list, config_dict)
-
     def _get_model_and_dataset(self, model, dataset):
         if model is None:
             model = self.external_config_dict.get("model")
@@ -99,11 +108,88 @@ class LayerSelConfig(Config):
             self._update_internal_config_dict(model_file)
         dataset_file = DATASET_CONFIGS_DIR / f"{dataset}.yaml"
         if dataset_file.is_file():
-            dataset_keys = self._update_internal_config_dict(dataset_file) or {}
-            # As RecBole does for its own dataset yamls: these keys describe the dataset.
-            self.parameters["Dataset"] += [
-                key for key in dataset_keys if key not in self.parameters["Dataset"]
-            ]
+            self._add_dataset_keys(self._update_internal_config_dict(dataset_file) or {})
+        elif "load_col" not in self.external_config_dict:
+            self._derive_dataset_config(model_class, dataset)
+
+    def _add_dataset_keys(self, keys):
+        # As RecBole does for its own dataset yamls: these keys describe the dataset.
+        self.parameters["Dataset"] += [key for key in keys if key not in self.parameters["Dataset"]]
+
+    def _setting(self, key):
+        """``key`` as it stands before the final merge: the user's value, else the internal default."""
+        return self.external_config_dict.get(key, self.internal_config_dict.get(key))
+
+    def _derive_dataset_config(self, model_class, dataset):
+        """What a dataset yaml would say, read from the atomic files' headers. RecBole's own default
+        ``load_col`` loads neither the time field the sequential protocol orders by nor item titles."""
+        folder = Path(self._setting("data_path")) / dataset
+        inter_file, item_file = folder / f"{dataset}.inter", folder / f"{dataset}.item"
+        if not inter_file.is_file():
+            return  # nothing to read; quick_start.check_dataset_files names the missing file
+        inter_fields = {key: self._setting(key) for key in ("USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD")}
+        self._check_fields(inter_file, inter_fields, dataset)
+        derived = {"load_col": {"inter": list(inter_fields.values())}, **SEQUENTIAL_PROTOCOL}
+        title_field = self._title_field(item_file, dataset, getattr(model_class, "needs_titles", False))
+        if title_field is not None:
+            derived["load_col"]["item"] = [self._setting("ITEM_ID_FIELD"), title_field]
+            derived["title_field"] = title_field
+        self.internal_config_dict.update(derived)
+        self._add_dataset_keys(["load_col", "title_field"])
+        getLogger(__name__).warning(
+            f"no {DATASET_CONFIGS_DIR / dataset}.yaml, so settings were derived from the headers in "
+            f"{folder}: load_col={derived['load_col']}, title_field={title_field}, and the sequential "
+            f"protocol {SEQUENTIAL_PROTOCOL}. To change them, {self._yaml_advice(dataset)}."
+        )
+
+    def _title_field(self, item_file, dataset, needs_titles):
+        """The item file's title column: ``title_field`` if set, else its only ``token_seq`` column."""
+        if not item_file.is_file():
+            if needs_titles:
+                raise LayerSelError(
+                    f"dataset {dataset!r} has no item file {item_file}, but the model needs item titles. "
+                    f"Provide {item_file.name} with a title column."
+                )
+            return None
+        title_field = self._setting("title_field")
+        if title_field is None:
+            columns = self._read_header(item_file)
+            token_seqs = [name for name, kind in columns.items() if kind == "token_seq"]
+            if len(token_seqs) != 1:
+                raise LayerSelError(
+                    f"which column of {item_file} holds the item titles? It has {len(token_seqs)} token_seq "
+                    f"columns (columns: {', '.join(f'{n}:{k}' for n, k in columns.items())}). Name it with "
+                    f"--title_field=COLUMN, or set load_col yourself: {self._yaml_advice(dataset)}."
+                )
+            title_field = token_seqs[0]
+        item_fields = {"ITEM_ID_FIELD": self._setting("ITEM_ID_FIELD"), "title_field": title_field}
+        self._check_fields(item_file, item_fields, dataset)
+        return title_field
+
+    def _check_fields(self, file, fields, dataset):
+        """One error naming every field of ``fields`` (setting -> column name) that ``file`` lacks."""
+        columns = self._read_header(file)
+        missing = [f"{key}={name!r}" for key, name in fields.items() if name not in columns]
+        if missing:
+            raise LayerSelError(
+                f"{file} has no column for {', '.join(missing)} (columns: {', '.join(columns)}). Dataset "
+                f"{dataset!r} has no yaml, so its columns are read from its file headers, and the "
+                "sequential protocol orders each user's items by time. Name your columns (USER_ID_FIELD, "
+                f"ITEM_ID_FIELD, TIME_FIELD, load_col): {self._yaml_advice(dataset)}."
+            )
+
+    def _read_header(self, file):
+        """An atomic file's columns, name -> type (``user_id:token`` -> ``{'user_id': 'token'}``)."""
+        with open(file, encoding="utf-8") as handle:
+            header = handle.readline().rstrip("\r\n")
+        return dict(column.partition(":")[::2] for column in header.split(self._setting("field_separator")))
+
+    @staticmethod
+    def _yaml_advice(dataset):
+        return (
+            f"copy {DATASET_CONFIGS_DIR / DATASET_TEMPLATE} to {DATASET_CONFIGS_DIR / dataset}.yaml "
+            "(or to a file you pass with --config_files) and fill it in"
+        )
 
     def _set_default_parameters(self):
         # RecBole 1.2.1 rejects loss_type CE next to its own default negative sampling

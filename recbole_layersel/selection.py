@@ -34,7 +34,7 @@ def check_strategy(strategy, num_layers, num_source_layers: int) -> None:
     if not isinstance(num_layers, int) or not 1 <= num_layers <= num_source_layers:
         raise LayerSelError(
             f"num_layers={num_layers!r} must be an integer in 1..{num_source_layers} "
-            f"(the model has {num_source_layers} layers)."
+            f"(the model has {num_source_layers} layers), or all."
         )
 
 

@@ -1,16 +1,21 @@
 """One test per row of the table in recbole_layersel/compat.py: each pin, and the checkpoint shim."""
 
+import logging
 import os
 import pickle
 
 import numpy as np
+import pandas
 import pytest
+import recbole.data.dataset.dataset
 import torch
 from recbole.data import create_dataset
 
 from recbole_layersel import compat
-from recbole_layersel.compat import check_pins, compat_trainer, load_checkpoint
+from recbole_layersel.compat import atomic_files_verbatim, check_pins, compat_trainer, load_checkpoint
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import sha256_file
+from recbole_layersel.quick_start import run_recbole
 from recbole_layersel.registry import LayerSelConfig
 from tests.conftest import write_atomic_dataset
 
@@ -23,9 +28,20 @@ def test_numpy_pin_keeps_recbole_config_working(argv):
 
 def test_check_pins_names_the_version_and_the_fix(monkeypatch):
     check_pins()
-    monkeypatch.setitem(compat.PINS, "pandas", ("3.0.1", 3))
+    monkeypatch.setitem(compat.PINS, "scipy", ("1.13.1", compat.PINS["scipy"][1]))
+    with pytest.raises(LayerSelError, match=r'scipy 1\.13\.1 is installed.*pip install "scipy<1\.13"'):
+        check_pins()
+    monkeypatch.setitem(compat.PINS, "scipy", ("1.12.0", compat.PINS["scipy"][1]))  # a minor below is fine
+    monkeypatch.setitem(compat.PINS, "pandas", ("3.0.1", compat.PINS["pandas"][1]))
     with pytest.raises(LayerSelError, match=r'pandas 3\.0\.1 is installed.*pip install "pandas<3"'):
         check_pins()
+
+
+def test_scipy_pin_keeps_recbole_graph_models_working(tmp_path, argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_recbole("LightGCN", "ml-100k", config_dict={
+        "epochs": 1, "embedding_size": 8, "n_layers": 1, "show_progress": False})  # builds its graph
+    assert result["test_result"]["ndcg@10"] > 0
 
 
 def test_pandas_pin_fills_missing_values_and_splits_token_sequences(tmp_path, argv):
@@ -113,6 +129,25 @@ def test_changed_or_foreign_checkpoints_are_refused(tmp_path, argv):
     assert load_checkpoint(str(weights_only), {}, "cpu")["state_dict"]["w"].sum() == 2
 
 
+def test_a_checkpoint_is_unpickled_from_the_bytes_that_were_hashed(tmp_path, monkeypatch):
+    path, swapped = tmp_path / "best.pth", tmp_path / "swapped.pth"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": LayerSelError("not tensors")}, swapped)
+    trusted = {str(path): {sha256_file(path)}}
+    real_open, opened = open, []
+
+    def open_and_swap_before_a_second_read(file, *args, **kwargs):
+        if str(file) == str(path):
+            opened.append(file)
+            if len(opened) == 2:  # another process replaces the file after it was hashed
+                os.replace(swapped, path)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_and_swap_before_a_second_read)
+    checkpoint = load_checkpoint(str(path), trusted, "cpu")
+    assert checkpoint.keys() == {"state_dict"} and checkpoint["state_dict"]["w"].sum() == 0
+
+
 def test_atomic_files_are_read_without_quote_processing(tmp_path, argv):
     def item_row(i):
         return f'{i}\t"C" Size Battery {i}\t1.0' if i == 2 else f"{i}\tplain title {i}\t1.0"
@@ -121,7 +156,42 @@ def test_atomic_files_are_read_without_quote_processing(tmp_path, argv):
     config = LayerSelConfig("BPR", "quoted", config_dict={
         "data_path": str(tmp_path), "load_col": {"inter": ["user_id", "item_id", "timestamp"],
                                                  "item": ["item_id", "title"]}})
-    dataset = create_dataset(config)
+    with atomic_files_verbatim():
+        dataset = create_dataset(config)
     items = dataset.item_feat.set_index("item_id")
     words = [dataset.id2token("title", t) for t in items.loc[dataset.token2id("item_id", "2"), "title"]]
     assert words == ['"C"', "Size", "Battery", "2"]
+
+
+def test_quoted_looking_fields_are_kept_and_reported_once_per_file(tmp_path, argv, caplog):
+    def token(value, quotes):
+        return f'"{value}"' if quotes == "both" else f'"{value}' if quotes == "open" else str(value)
+
+    rows = [(u, (u + 3 * step) % 15, 1000 * u + step) for u in range(12) for step in range(8)]
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"] + [  # item 2 opens a quote it never closes
+        f"{token(u, 'both' if u == 3 else '')}\t{token(i, {5: 'both', 2: 'open'}.get(i, ''))}\t{t}"
+        for u, i, t in rows]
+    (tmp_path / "quotes").mkdir()
+    (tmp_path / "quotes" / "quotes.inter").write_text("\n".join(lines) + "\n")
+    config = LayerSelConfig("BPR", "quotes", config_dict={
+        "data_path": str(tmp_path), "load_col": {"inter": ["user_id", "item_id", "timestamp"]}})
+    caplog.set_level(logging.WARNING, logger="recbole_layersel.compat")
+    with atomic_files_verbatim():
+        dataset = create_dataset(config)
+    assert dataset.inter_num == len(lines) - 1  # no row swallowed by the quote that never closes
+    assert '"3"' in dataset.field2token_id["user_id"]
+    assert {'"5"', '"2'} <= dataset.field2token_id["item_id"].keys()
+    expected = sum(u == 3 for u, _, _ in rows) + sum(i == 5 for _, i, _ in rows)
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert warning.startswith(f"{tmp_path / 'quotes' / 'quotes.inter'}: {expected} field(s) are wrapped")
+    assert 'item_id:token = "5"' in warning and "quotes are kept as part of the value" in warning
+
+
+def test_atomic_files_verbatim_gives_recbole_its_pandas_back_after_a_failed_load(tmp_path, argv):
+    write_atomic_dataset(tmp_path, "badtype", item_header="item_id:token\ttitle:bogus\tprice:float")
+    config = LayerSelConfig("BPR", "badtype", config_dict={"data_path": str(tmp_path), "load_col": {
+        "inter": ["user_id", "item_id"], "item": ["item_id", "title"]}})
+    with pytest.raises(ValueError, match="Type bogus from field title is not supported"):
+        with atomic_files_verbatim():
+            create_dataset(config)
+    assert recbole.data.dataset.dataset.pd is pandas

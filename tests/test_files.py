@@ -4,6 +4,7 @@ write leaves nothing behind."""
 import pytest
 import torch
 
+from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import StageCache, replaced_on_success, write_atomic, write_folder
 
 
@@ -28,18 +29,18 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_partial(tmp_path):
 
 def test_write_folder_swaps_whole_folders(tmp_path):
     folder = tmp_path / "export"
-    write_folder(folder, lambda staging: (staging / "a.txt").write_text("1"))
-    write_folder(folder, lambda staging: (staging / "b.txt").write_text("2"))
-    assert [p.name for p in folder.iterdir()] == ["b.txt"]
+    write_folder(folder, lambda staging: (staging / "ours.json").write_text("1"), "ours.json")
+    write_folder(folder, lambda staging: (staging / "ours.json").write_text("2"), "ours.json")
+    assert [p.name for p in folder.iterdir()] == ["ours.json"] and (folder / "ours.json").read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
     def fail(staging):
-        (staging / "c.txt").write_text("3")
+        (staging / "ours.json").write_text("3")
         raise RuntimeError("write failed")
 
     with pytest.raises(RuntimeError, match="write failed"):
-        write_folder(folder, fail)
-    assert [p.name for p in folder.iterdir()] == ["b.txt"]
+        write_folder(folder, fail, "ours.json")
+    assert (folder / "ours.json").read_text() == "2"
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
@@ -52,3 +53,25 @@ def test_stage_cache_returns_what_was_saved_under_the_same_key_only(tmp_path):
     assert cache.load_json("distill", {"steps": 10, "stage": "distill"}) == {"after": 0.5}  # key order
     assert torch.equal(cache.load_tensors("distill", key)["weight"], torch.arange(6.0).view(2, 3))
     assert cache.load_json("distill", {**key, "steps": 11}) is None
+
+
+def test_write_folder_refuses_a_folder_or_file_that_is_not_ours(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(LayerSelError, match=f"{folder} already exists.*no ours.json"):
+        write_folder(folder, lambda staging: (staging / "ours.json").write_text("1"), "ours.json")
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging folder left either
+    file = tmp_path / "a-file"
+    file.write_text("keep me too")
+    with pytest.raises(LayerSelError, match="a-file already exists"):
+        write_folder(file, lambda staging: (staging / "ours.json").write_text("1"), "ours.json")
+    assert file.read_text() == "keep me too"
+
+
+def test_write_folder_fills_an_empty_folder(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    write_folder(folder, lambda staging: (staging / "ours.json").write_text("1"), "ours.json")
+    assert [p.name for p in folder.iterdir()] == ["ours.json"]

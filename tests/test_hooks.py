@@ -63,6 +63,34 @@ def test_stages_are_cached_and_invalidated_when_their_inputs_change(hooked, monk
         hooked(distill_steps=11)
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("llm_dtype", "bfloat16"), ("title_max_tokens", 3), ("title_pooling", "last"), ("learning_rate", 0.002),
+    ("embedding_size", 12), ("code", "another version")])
+def test_every_setting_the_stages_read_invalidates_them(hooked, monkeypatch, setting, value):
+    hooked()
+    if setting == "code":
+        monkeypatch.setattr(hooks, "code_sha256", lambda: value)
+        settings = {}
+    else:
+        settings = {setting: value}
+    monkeypatch.setattr(hooks, "compute_importance", lambda *a, **k: pytest.fail("importance recomputed"))
+    with pytest.raises(pytest.fail.Exception, match="importance recomputed"):
+        hooked(**settings)
+
+
+def test_bridges_start_from_the_runs_seed_whatever_ran_before(build, tmp_path):  # noqa: F811
+    """A cache miss and a hit consume the global random state differently: the bridges must not care."""
+    bridges = []
+    for global_seed in (1, 2):  # the first run misses the stage cache, the second hits it
+        model, loaders = build("llama", **{**HOOKED, "distill_steps": 0, "mlp_bridges": True})
+        torch.manual_seed(global_seed)
+        model.before_training(*loaders)
+        bridges.append(model.compact.backbone.bridges.state_dict())
+    assert bridges[0].keys() == bridges[1].keys() and len(bridges[0]) > 0
+    for name in bridges[0]:
+        assert torch.equal(bridges[0][name], bridges[1][name]), name
+
+
 @pytest.mark.parametrize("strategy", ["block_influence", "contiguous", "magnitude", "last", "random"])
 def test_baseline_strategies_share_the_pipeline(hooked, strategy, tmp_path):
     model, _ = hooked(layer_strategy=strategy)

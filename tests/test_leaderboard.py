@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from recbole_layersel import leaderboard
+from recbole_layersel.errors import LayerSelError
 from recbole_layersel.leaderboard import mean_ci95, paired_p_value, run_entry, summarise, to_csv, to_markdown
 from tests.conftest import write_atomic_dataset
 
@@ -103,7 +104,7 @@ def test_cross_domain_entries_reuse_the_source_selection_of_the_same_seed(tmp_pa
                            "distill_steps": 0, "seed": 5}
     assert calls[1][1]["selected_layers"] == [3, 7] and record["selected_layers"] == [3, 7]
     assert (tmp_path / "runs" / "source" / "selection" / "seed5.json").is_file()
-    run_entry("LayerSelLLM-importance-k2@source", "target", 5, tmp_path, {})  # the selection is reused
+    run_entry("LayerSelLLM-importance-k2@source", "target", 5, tmp_path, {"epochs": 1})  # selection reused
     assert [dataset for dataset, _ in calls] == ["source", "target", "target"]
 
 
@@ -140,3 +141,43 @@ def test_tables_only_reads_finished_runs_and_starts_none(tmp_path, monkeypatch, 
     table = (tmp_path / "tiny.md").read_text()
     assert "1 of 4 planned runs" in table and "| BPR | 1 | 0.0500 | 0.0500 |" in table
     assert "| SASRec | not run yet |" in table and table in capsys.readouterr().out + "\n"
+
+
+def test_a_finished_run_of_another_config_or_code_is_refused_or_redone(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    runs = []
+
+    def fake_child(model, dataset, config_dict):
+        runs.append(config_dict)
+        return {"status": "ok", "test": {}, "code": {"recbole_layersel.model": "digest-of-today"}}
+
+    monkeypatch.setattr(leaderboard, "_in_child", fake_child)
+    monkeypatch.setattr(leaderboard, "_module_sha256", lambda name: "digest-of-today")
+    first = run_entry("BPR-tiny", "tiny", 1, out, tiny)
+    assert first["config"]["embedding_size"] == 4 and first["config"]["epochs"] == 1
+    assert first["version"] == leaderboard.__version__ and "data_path" not in first["config"]
+    assert run_entry("BPR-tiny", "tiny", 1, out, tiny) == first and len(runs) == 1
+    changed = r"seed1.json holds a finished run .*epochs 1 -> 2.*--redo-changed"
+    with pytest.raises(LayerSelError, match=changed):
+        run_entry("BPR-tiny", "tiny", 1, out, {**tiny, "epochs": 2})
+    redone = run_entry("BPR-tiny", "tiny", 1, out, {**tiny, "epochs": 2}, redo_changed=True)
+    assert redone["config"]["epochs"] == 2 and len(runs) == 2
+    monkeypatch.setattr(leaderboard, "_module_sha256", lambda name: "digest-of-tomorrow")
+    with pytest.raises(LayerSelError, match=r"code changed since: recbole_layersel.model"):
+        run_entry("BPR-tiny", "tiny", 1, out, {**tiny, "epochs": 2})
+
+
+def test_failed_runs_are_retried_when_asked(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    outcomes = iter([{"status": "failed", "error": "killed"}, {"status": "ok", "test": {}}])
+    monkeypatch.setattr(leaderboard, "_in_child", lambda *args: next(outcomes))
+    assert run_entry("BPR-tiny", "tiny", 1, out, tiny)["status"] == "failed"
+    assert run_entry("BPR-tiny", "tiny", 1, out, tiny)["status"] == "failed"  # kept, not retried
+    assert run_entry("BPR-tiny", "tiny", 1, out, tiny, retry_failed=True)["status"] == "ok"
+    assert json.loads((out / "runs" / "tiny" / "BPR-tiny" / "seed1.json").read_text())["status"] == "ok"
+
+
+def test_the_run_records_the_code_it_loaded():
+    code = leaderboard.loaded_code()
+    assert "recbole_layersel.files" in code and "recbole_layersel.leaderboard" not in code
+    assert code["recbole_layersel.files"] == leaderboard._module_sha256("recbole_layersel.files")

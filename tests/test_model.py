@@ -32,7 +32,7 @@ def build(tmp_path, argv):
             "data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "saved"),
             "llm_path": str(llm_dir), "llm_cache_dir": str(tmp_path / "cache"), "load_col": ITEM_COLUMNS,
             "title_field": "title", "layer_strategy": "uniform", "distill_steps": 0,
-            "num_layers": 3, "embedding_size": 8, "title_max_tokens": 6,
+            "num_layers": 3, "embedding_size": 8, "title_max_tokens": 6, "MAX_ITEM_LIST_LENGTH": 50,
             "state_batch_size": 4, "train_batch_size": 16, "eval_batch_size": 16, "show_progress": False,
             **settings})
         loaders = data_preparation(config, create_dataset(config))
@@ -46,8 +46,8 @@ def first_eval_batch(loader):
     return next(iter(loader))[0]
 
 
-def train_steps(model, loader, steps):
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+def train_steps(model, loader, steps, lr=0.01):
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     model.train()
     while len(losses) < steps:
@@ -64,7 +64,7 @@ def train_steps(model, loader, steps):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_sort_predict_agrees_with_predict(build, family):
-    model, (_, _, test) = build(family)
+    model, (_, _, test) = build(family, train_mode="lora" if family == "bert" else "frozen")
     model.eval()
     interaction = first_eval_batch(test)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_only_the_selected_layers_are_kept(build):
     assert not any("embed_tokens" in name for name, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "bert"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
 def test_frozen_and_lora_modes_give_the_same_scores_for_the_same_weights(build, family):
     frozen, loaders = build(family, train_mode="frozen")
     frozen.before_training(*loaders)
@@ -96,10 +96,30 @@ def test_frozen_and_lora_modes_give_the_same_scores_for_the_same_weights(build, 
     lora.load_state_dict({**lora_state, **{name: frozen_state[src] for name, src in shared.items()}})
     frozen.eval()
     lora.eval()
-    interaction = first_eval_batch(loaders[2])
+    # Every row: the training prefixes (read from one pass over the longest history in frozen mode)
+    # as well as the test rows.
+    rows = [interaction for interaction in loaders[0]] + [batch[0] for batch in loaders[2]]
     with torch.no_grad():
-        assert torch.allclose(frozen.full_sort_predict(interaction), lora.full_sort_predict(interaction),
-                              atol=1e-5)
+        for interaction in rows:
+            assert torch.allclose(frozen.full_sort_predict(interaction), lora.full_sort_predict(interaction),
+                                  atol=1e-5)
+
+
+def test_frozen_mode_refuses_a_bidirectional_encoder(build):
+    with pytest.raises(LayerSelError, match="bidirectional encoder .bert.*Use train_mode=lora"):
+        build("bert", train_mode="frozen")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_histories_longer_than_learned_positions_are_refused(build, family):
+    expected = f"MAX_ITEM_LIST_LENGTH=1000, but .*{family}.* at most 64 positions"
+    with pytest.raises(LayerSelError, match=expected):
+        build(family, train_mode="lora", MAX_ITEM_LIST_LENGTH=1000)
+
+
+def test_num_layers_all_keeps_every_layer_of_the_model(build):
+    model, _ = build("llama", layer_strategy="first", num_layers="all")
+    assert model.selected_layers == list(range(NUM_LAYERS))
 
 
 def test_frozen_mode_runs_the_backbone_once_per_user(build):
@@ -114,6 +134,19 @@ def test_frozen_mode_runs_the_backbone_once_per_user(build):
     with torch.no_grad():
         model.full_sort_predict(first_eval_batch(loaders[2]))
     assert sum(calls) == len(users)  # training and evaluation rows reuse the states
+
+
+def test_frozen_states_follow_the_history_not_the_user_id(build):
+    model, loaders = build("llama")
+    model.before_training(*loaders)
+    model.eval()
+    interaction = first_eval_batch(loaders[2])
+    other = interaction["item_id_list"].clone()
+    other[:, 0] = other[:, 0] % (model.n_items - 1) + 1  # another first item, same users and lengths
+    interaction["item_id_list"] = other
+    with torch.no_grad():
+        direct = model.compact.full_sort_scores(other, interaction["item_length"])
+        assert torch.allclose(model.full_sort_predict(interaction), direct, atol=1e-5)
 
 
 @pytest.mark.parametrize("show", [True, False])
@@ -131,7 +164,8 @@ def test_both_modes_train(build, mode):
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any("lora_" in name for name in trainable) == (mode == "lora")
     assert not any("self_attn.q_proj.base_layer" in name for name in trainable)
-    losses = train_steps(model, loaders[0], 60)
+    # 0.01 is too fast for LoRA on this tiny model: on some seeds it collapses to uniform scores.
+    losses = train_steps(model, loaders[0], 60, lr=0.003)
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
 
 
@@ -175,7 +209,8 @@ def test_int8_quantises_the_kept_layers_and_still_trains(build, tmp_path):
         quantised, exact = model.full_sort_predict(interaction), reference.full_sort_predict(interaction)
     error = (quantised - exact).abs().max() / exact.abs().max()
     assert not torch.equal(quantised, exact) and error < 0.05  # int8 rounding, not a different model
-    losses = train_steps(model, loaders[0], 60)
+    # 0.01 is too fast for LoRA on this tiny model: on some seeds it collapses to uniform scores.
+    losses = train_steps(model, loaders[0], 60, lr=0.003)
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
     with pytest.raises(LayerSelError, match="quantize=int8 models cannot be exported"):
         export_compact(model, tmp_path / "export")

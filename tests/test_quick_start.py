@@ -2,14 +2,18 @@
 with titles, and every bad input stops with one clear message before anything is written."""
 
 import json
+import logging
 import subprocess
 import sys
 
+import pandas
 import pytest
+import recbole.data.dataset.dataset
 from recbole.data import create_dataset
 from recbole.model.sequential_recommender.sasrec import SASRec
 
 from recbole_layersel import quick_start, registry
+from recbole_layersel.compat import atomic_files_verbatim
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.quick_start import check_dataset_files, inference_throughput, run_recbole
 from recbole_layersel.registry import LayerSelConfig
@@ -42,7 +46,8 @@ def test_each_dataset_loads_with_titles(dataset, argv, monkeypatch):
     if dataset != "ml-100k" and not (SHARED_DATA / dataset).is_dir():
         pytest.fail(f"{SHARED_DATA / dataset} is missing: the suite reads the shared datasets from there")
     config = LayerSelConfig("SASRec", dataset)
-    loaded = create_dataset(config)
+    with atomic_files_verbatim():  # as run_recbole reads them
+        loaded = create_dataset(config)
     title_field = config["title_field"]
     titles = loaded.item_feat[title_field]
     with_title = sum(len(title) > 0 for title in titles)
@@ -50,6 +55,20 @@ def test_each_dataset_loads_with_titles(dataset, argv, monkeypatch):
     first = loaded.item_feat.iloc[1]
     words = " ".join(loaded.id2token(title_field, first[title_field]))
     assert len(words) > 2
+
+
+def test_a_run_reads_atomic_files_verbatim_and_leaves_pandas_to_everyone_else(tmp_path, argv, monkeypatch,
+                                                                               caplog):
+    monkeypatch.chdir(tmp_path)
+    inter = write_atomic_dataset(tmp_path / "data", "quoted") / "quoted.inter"
+    quoted = inter.read_text().count("\t5\t")
+    inter.write_text(inter.read_text().replace("\t5\t", '\t"5"\t'))
+    caplog.set_level(logging.WARNING, logger="recbole_layersel.compat")
+    run_recbole("BPR", "quoted", config_dict={
+        "data_path": str(tmp_path / "data"), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "epochs": 1, "embedding_size": 4, "show_progress": False})
+    assert quoted > 0 and f"{inter}: {quoted} field(s) are wrapped in double quotes" in caplog.text
+    assert recbole.data.dataset.dataset.pd is pandas  # the shim ends with our load
 
 
 def test_unknown_model_fails_before_writing(tmp_path):
@@ -87,6 +106,25 @@ def test_dataset_without_title_field_fails_before_writing(tmp_path, argv, monkey
     with pytest.raises(LayerSelError, match=r"title_field='price' is not loaded"):
         run_recbole("TitledSASRec", "notitle", config_dict=settings)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_unknown_llm_path_fails_before_writing(tmp_path, argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # RecBole's logger writes log/ under the working directory
+    settings = {"llm_path": "no-such-model", "llm_cache_dir": str(tmp_path / "cache"), "show_progress": False}
+    with pytest.raises(LayerSelError, match=r"llm_path 'no-such-model' is neither an existing local path"):
+        run_recbole("LayerSelLLM", "ml-100k", config_dict=settings)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_dir_that_is_not_ours_is_refused_before_training(tmp_path, argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("not an export")
+    settings = {"export_dir": str(tmp_path / "work"), "llm_cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(LayerSelError, match=r"work already exists and was not written by recbole_layersel"):
+        run_recbole("LayerSelLLM", "ml-100k", config_dict=settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["notes.txt"]
 
 
 def test_check_dataset_files_names_the_missing_item_file(tmp_path):

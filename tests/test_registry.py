@@ -1,13 +1,18 @@
 """Model resolution order and config precedence (RecBole's internals < plugin yaml < dataset yaml <
 config file < config_dict < command line)."""
 
+import re
+
 import pytest
+import yaml
 from recbole.model.general_recommender.bpr import BPR
 from recbole.model.sequential_recommender.sasrec import SASRec
 
 from recbole_layersel import registry
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.quick_start import run_recbole
 from recbole_layersel.registry import LayerSelConfig, get_model_class, recbole_model_names
+from tests.conftest import write_atomic_dataset
 
 
 class PluginSASRec(SASRec):
@@ -77,3 +82,80 @@ def test_cross_entropy_implies_no_training_negatives(argv):
         LayerSelConfig(
             "SASRec", "ml-100k", config_dict={"train_neg_sample_args": {"distribution": "uniform"}}
         )
+
+
+@pytest.mark.parametrize("model", ["SASRec", "LayerSelLLM"])
+def test_dataset_without_yaml_loads_its_header_columns_under_the_sequential_protocol(model, tmp_path, argv,
+                                                                                    caplog):
+    write_atomic_dataset(tmp_path, "steam")
+    config = LayerSelConfig(model, "steam", config_dict={"data_path": str(tmp_path)})
+    assert config["load_col"] == {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}
+    assert config["title_field"] == "title"  # the item file's only token_seq column
+    assert config["eval_args"]["split"] == {"LS": "valid_and_test"}
+    assert (config["eval_args"]["order"], config["eval_args"]["group_by"]) == ("TO", "user")
+    assert config["eval_args"]["mode"] == {"valid": "full", "test": "full"}
+    assert (config["metrics"], config["topk"], config["valid_metric"]) == (
+        ["NDCG", "MRR", "Precision", "Recall", "Hit"], [5, 10], "NDCG@10")
+    assert "title_field" in config.parameters["Dataset"]
+    assert "no " + str(registry.DATASET_CONFIGS_DIR / "steam.yaml") in caplog.text
+    assert "derived from the headers" in caplog.text and registry.DATASET_TEMPLATE in caplog.text
+
+    own = {"inter": ["user_id", "item_id"]}
+    assert LayerSelConfig(model, "steam", config_dict={"data_path": str(tmp_path), "load_col": own})[
+        "load_col"] == own  # a user's load_col: nothing derived
+
+
+def test_sasrec_trains_on_a_dataset_without_yaml(tmp_path, argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_atomic_dataset(tmp_path / "data", "steam", n_users=6, n_items=10, per_user=5)
+    result = run_recbole("SASRec", "steam", saved=False, config_dict={
+        "data_path": str(tmp_path / "data"), "epochs": 1, "hidden_size": 8, "inner_size": 16, "n_heads": 1,
+        "n_layers": 1, "MAX_ITEM_LIST_LENGTH": 5, "show_progress": False})
+    assert result["test_users"] == 6 and "ndcg@10" in result["test_result"]
+
+
+def yaml_advice_in(message):
+    """The error says which yaml to write, and from what."""
+    yaml_file = registry.DATASET_CONFIGS_DIR / "steam.yaml"
+    return f"to {yaml_file} (or to a file you pass with --config_files)" in message and (
+        registry.DATASET_TEMPLATE in message)
+
+
+def test_dataset_without_yaml_or_timestamps_stops_with_the_yaml_to_write(tmp_path, argv):
+    folder = write_atomic_dataset(tmp_path, "steam")
+    rows = (folder / "steam.inter").read_text().splitlines()
+    (folder / "steam.inter").write_text("\n".join(row.rsplit("\t", 1)[0] for row in rows) + "\n")
+    with pytest.raises(LayerSelError, match=r"steam.inter has no column for TIME_FIELD='timestamp' "
+                                            r"\(columns: user_id, item_id\)") as error:
+        LayerSelConfig("SASRec", "steam", config_dict={"data_path": str(tmp_path)})
+    assert yaml_advice_in(str(error.value))
+
+
+def test_dataset_without_yaml_and_two_title_candidates_asks_which(tmp_path, argv):
+    write_atomic_dataset(tmp_path, "steam", item_header="item_id:token\ttitle:token_seq\ttags:token_seq",
+                         item_row=lambda i: f"{i}\tItem {i}\tgame")
+    with pytest.raises(LayerSelError, match=r"which column of .*steam.item holds the item titles\? It has 2 "
+                                            r"token_seq columns .* --title_field=COLUMN") as error:
+        LayerSelConfig("SASRec", "steam", config_dict={"data_path": str(tmp_path)})
+    assert yaml_advice_in(str(error.value))
+    named = LayerSelConfig("SASRec", "steam", config_dict={"data_path": str(tmp_path), "title_field": "tags"})
+    assert named["load_col"]["item"] == ["item_id", "tags"]
+
+
+def test_dataset_without_yaml_or_item_file_stops_only_a_model_that_needs_titles(tmp_path, argv):
+    (write_atomic_dataset(tmp_path, "steam") / "steam.item").unlink()
+    settings = {"data_path": str(tmp_path)}
+    assert LayerSelConfig("SASRec", "steam", config_dict=settings)["load_col"] == {
+        "inter": ["user_id", "item_id", "timestamp"]}
+    with pytest.raises(LayerSelError, match=r"no item file .*steam.item, but the model needs item titles"):
+        LayerSelConfig("LayerSelLLM", "steam", config_dict=settings)
+
+
+def test_shipped_configs_and_the_template_set_the_protocol_a_dataset_without_yaml_gets():
+    template = registry.DATASET_CONFIGS_DIR / registry.DATASET_TEMPLATE
+    protocol = registry.SEQUENTIAL_PROTOCOL
+    for file in [*registry.DATASET_CONFIGS_DIR.glob("*.yaml"), template]:
+        settings = yaml.safe_load(file.read_text())
+        assert {key: settings[key] for key in protocol} == protocol, file
+    keys = [line for line in template.read_text().splitlines() if re.match(r"\w+:", line)]
+    assert keys and all(re.search(r"# \(\w+\) \S", line) for line in keys)
