@@ -200,7 +200,10 @@ class CompactBackbone(nn.Module):
 
         source_layers = base.get_submodule(_LAYER_STACK.get(self.family, "layers"))
         self.num_source_layers = num_source_layers or len(source_layers)
-        self.selected_layers = validate_selection(selected_layers, self.num_source_layers)
+        # No layer at all is the text-only baseline: the inputs through the final norm.
+        selected_layers = list(selected_layers)
+        self.selected_layers = validate_selection(selected_layers, self.num_source_layers) \
+            if selected_layers else []
         # A model built from a compact config (see `from_compact_config`) already holds just the kept layers.
         positions = self.selected_layers if num_source_layers is None else range(len(self.selected_layers))
         self.layers = nn.ModuleList(source_layers[i] for i in positions)

@@ -61,6 +61,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import replaced_on_success, sha256_file
+from recbole_layersel.protocol import HistoryMaskMixin, ResumeMixin
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,10 @@ class DDPMixin:
 
 @cache
 def compat_trainer(trainer_class: type) -> type:
-    """``trainer_class`` with ``TrustedCheckpointMixin`` and ``DDPMixin``; RecBole trainers outside
-    the ``Trainer`` family (decision trees) save differently and are returned unchanged."""
+    """``trainer_class`` with ``TrustedCheckpointMixin``, ``DDPMixin`` and the protocol of every run
+    (``protocol.HistoryMaskMixin``, ``protocol.ResumeMixin``); RecBole trainers outside the ``Trainer``
+    family (decision trees) save differently and are returned unchanged."""
     if not issubclass(trainer_class, Trainer):
         return trainer_class
-    return type(trainer_class.__name__, (TrustedCheckpointMixin, DDPMixin, trainer_class), {})
+    mixins = (TrustedCheckpointMixin, DDPMixin, HistoryMaskMixin, ResumeMixin)
+    return type(trainer_class.__name__, (*mixins, trainer_class), {})

@@ -22,7 +22,7 @@ from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import write_folder
 from recbole_layersel.model import CompactRecommender, add_lora
 
-FORMAT = "recbole_layersel.compact/1"
+FORMAT = "recbole_layersel.compact/2"  # 2: no learnt history term
 WEIGHTS_NAME, META_NAME = "model.safetensors", "layersel.json"
 
 

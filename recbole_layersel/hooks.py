@@ -119,14 +119,13 @@ def _teacher_states(backbone, inputs, mask, batch_size: int, per_layer: bool) ->
     return {name: all_reduce_sum(tensor) for name, tensor in states.items()}
 
 
-def warm_up_heads(compact, last_states: torch.Tensor, item_seq: torch.Tensor, targets: torch.Tensor,
-                  steps: int, lr: float) -> None:
+def warm_up_heads(compact, last_states: torch.Tensor, targets: torch.Tensor, steps: int, lr: float) -> None:
     """Train the heads (everything but the backbone) on fixed full-model states, so the importance
     loss is the loss of a recommender, not of random heads."""
     heads = [p for name, p in compact.named_parameters() if not name.startswith("backbone.")]
     optimizer = torch.optim.Adam(heads, lr=lr)
     for _ in range(steps):
-        scores = compact.scores(compact.user_vectors(last_states), item_seq)
+        scores = compact.scores(compact.user_vectors(last_states))
         loss = nn.functional.cross_entropy(scores, targets)
         optimizer.zero_grad()
         loss.backward()
@@ -248,7 +247,7 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
         # teacher that distillation needs; otherwise the importance pass below returns the teacher.
         teacher = _teacher_states(full, inputs, mask, batch_size,
                                   per_layer=cached is not None and dist.distill_layerwise)
-        warm_up_heads(compact_model, _last(teacher["last"], sample.lengths), sample.item_seq, sample.targets,
+        warm_up_heads(compact_model, _last(teacher["last"], sample.lengths), sample.targets,
                       imp.importance_warmup_steps, imp.learning_rate * 10)
         broadcast_parameters(compact_model, skip_prefix="backbone.")  # GPU kernels may differ by a bit
         if cached is not None:
@@ -256,7 +255,7 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
             logger.info("Reusing layer importance from the stage cache.")
         else:
             def rec_loss(last_states, rows):
-                logits = compact_model.scores(compact_model.user_vectors(last_states), sample.item_seq[rows])
+                logits = compact_model.scores(compact_model.user_vectors(last_states))
                 return nn.functional.cross_entropy(logits, sample.targets[rows])
 
             importance, teacher = compute_importance(
@@ -347,7 +346,7 @@ def _greedy(compact_model, llm, full, sample: SequenceSample, settings: Selectio
         last = _last(_final_states(CompactBackbone(llm, layers), inputs, mask, batch_size), sample.lengths)
         if proxy == "fidelity":
             return float(nn.functional.cosine_similarity(last, full_last, dim=-1).mean())
-        scores = compact_model.scores(compact_model.user_vectors(last), sample.item_seq)
+        scores = compact_model.scores(compact_model.user_vectors(last))
         return _ndcg_at_10(scores, sample.targets)
 
     return greedy_select(ranking, evaluate, target_k=settings.num_layers,

@@ -49,14 +49,20 @@ from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import save_figure, sha256_file, write_atomic
 
 METRICS = ("ndcg@5", "ndcg@10", "mrr@10", "precision@10", "recall@10", "hit@10")
-REFERENCES = ("SASRec", "LayerSelLLM-full")
+REFERENCES = ("SASRec", "SASRec-allpos", "LayerSelLLM-full")
 STRATEGIES = ("importance", "random", "uniform", "last", "block_influence", "contiguous", "magnitude")
-# The default entries, in table order. LayerSelLLM-full keeps every layer of the model.
-DEFAULT_ENTRIES = ["BPR", "SASRec", "LayerSelLLM-full", *[f"LayerSelLLM-{s}" for s in STRATEGIES],
-                   "LayerSelLLM-importance-int8"]
+# The default entries, in table order. SASRec-allpos is RecBole's SASRec trained with its paper's
+# all-position objective (all_positions.py); LayerSelLLM-text keeps no LLM layer (title embeddings through
+# the same heads), LayerSelLLM-full every layer of the model.
+DEFAULT_ENTRIES = ["Pop", "BPR", "GRU4Rec", "SASRec", "SASRec-allpos", "LayerSelLLM-text", "LayerSelLLM-full",
+                   *[f"LayerSelLLM-{s}" for s in STRATEGIES], "LayerSelLLM-importance-int8"]
 ENTRIES = {
+    "Pop": ("Pop", {}),
     "BPR": ("BPR", {}),
+    "GRU4Rec": ("GRU4Rec", {}),
     "SASRec": ("SASRec", {}),
+    "SASRec-allpos": ("SASRecAllPositions", {}),
+    "LayerSelLLM-text": ("LayerSelLLM", {"layer_strategy": "first", "num_layers": 0, "distill_steps": 0}),
     "LayerSelLLM-full": ("LayerSelLLM", {"layer_strategy": "first", "num_layers": "all", "distill_steps": 0}),
 }
 # Settings that say where or how visibly a run happens, not what it computes: a finished run is reused
@@ -64,7 +70,7 @@ ENTRIES = {
 ENVIRONMENT_KEYS = frozenset({
     "data_path", "checkpoint_dir", "llm_cache_dir", "artifacts_dir", "device", "gpu_id", "use_gpu",
     "local_rank", "single_spec", "state", "show_progress", "worker", "nproc", "world_size", "ip", "port",
-    "offset"})
+    "offset", "resume_file"})
 _LLM_ENTRY = re.compile(r"LayerSelLLM-(?P<strategy>[a-z_]+)(?:-k(?P<k>[0-9]+))?(?P<int8>-int8)?"
                         r"(?:@(?P<source>[\w.-]+))?")
 
@@ -115,8 +121,8 @@ def _run_one(model: str, dataset: str, config_dict: dict, queue) -> None:
         if config_dict.get("hooks_only"):
             record = {"status": "ok", **result}
         else:
-            keep = ("train_seconds", "test_seconds", "test_users", "inference_users_per_second",
-                    "parameters", "trainable_parameters", "selected_layers")
+            keep = ("epochs_run", "best_epoch", "stopped_by", "train_seconds", "test_seconds", "test_users",
+                    "inference_users_per_second", "parameters", "trainable_parameters", "selected_layers")
             record = {"status": "ok", "test": dict(result["test_result"]), **{k: result[k] for k in keep}}
     except Exception as error:  # reported in the table as a failed run, with its message
         record = {"status": "failed", "error": f"{type(error).__name__}: {error}",
@@ -224,7 +230,9 @@ def run_entry(name: str, dataset: str, seed: int, out: Path, extra: dict, redo_c
     """One finished run: read from its file, or run now (in a child process) and write the file."""
     model, settings, source = entry_settings(name)
     options = {"redo_changed": redo_changed, "retry_failed": retry_failed}
-    config_dict = {**settings, **extra, "seed": seed}
+    # Training resumes from the state before its last epoch when a run was killed (protocol.ResumeMixin).
+    config_dict = {**settings, **extra, "seed": seed,
+                   "resume_file": str(out / "runs" / dataset / name / f"seed{seed}.resume.pth")}
 
     def run() -> dict:
         if source is None:
@@ -260,6 +268,7 @@ def summarise(records: list[dict], entries: list[str]) -> list[dict]:
             row["parameters"] = ok[0]["parameters"]
             kept = [len(r["selected_layers"]) for r in ok if r["selected_layers"] is not None]
             row["layers"] = sum(kept) / len(kept) if kept else None
+            row["epochs"] = ", ".join(_epochs(r) for r in ok)
         for reference in REFERENCES:
             if reference in ndcg and reference != name:
                 row[f"p_vs_{reference}"] = paired_p_value(ndcg[name], ndcg[reference])
@@ -267,13 +276,38 @@ def summarise(records: list[dict], entries: list[str]) -> list[dict]:
     return table
 
 
-def to_markdown(table: list[dict], dataset: str, planned: int | None = None) -> str:
+def _epochs(record: dict) -> str:
+    """``epochs run (best epoch)``, marked when an epoch cap, not early stopping, ended the training."""
+    if "epochs_run" not in record:
+        return "–"
+    cap = " cap" if record["stopped_by"] == "epoch cap" else ""
+    return f"{record['epochs_run']} ({record['best_epoch']}){cap}"
+
+
+def protocol(records: list[dict]) -> str:
+    """The evaluation protocol all finished runs share; an error naming them when they differ."""
+    runs: dict[str, list[str]] = {}
+    for record in records:
+        if record["status"] == "ok":
+            setting = f"eval_mask_history={record.get('config', {}).get('eval_mask_history', 'not recorded')}"
+            runs.setdefault(setting, []).append(f"{record['entry']} seed {record['seed']}")
+    if len(runs) > 1:
+        raise LayerSelError(
+            "runs of different evaluation protocols cannot share a table: " + "; ".join(
+                f"{setting}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+                for setting, names in runs.items())
+            + ". Rerun the odd ones out under one protocol (--redo-changed), or tabulate them apart.")
+    return next(iter(runs), "no finished run yet")
+
+
+def to_markdown(table: list[dict], dataset: str, planned: int | None = None, evaluation: str = "") -> str:
     references = [r for r in REFERENCES if any(f"p_vs_{r}" in row for row in table)]
-    header = ["entry", "seeds", *METRICS, "train s", "users/s", "parameters", "layers",
+    header = ["entry", "seeds", *METRICS, "epochs (best)", "train s", "users/s", "parameters", "layers",
               *[f"p vs {r}" for r in references]]
     finished = sum(row["seeds"] + row["failed"] for row in table)
     progress = f"{finished} of {planned} planned runs (entries x seeds) finished." if planned else ""
-    lines = [f"# Leaderboard: {dataset}", "", progress, "", "| " + " | ".join(header) + " |",
+    protocol_line = f"Evaluation protocol of every row: {evaluation}." if evaluation else ""
+    lines = [f"# Leaderboard: {dataset}", "", progress, protocol_line, "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for row in table:
         if row["seeds"] == 0:
@@ -285,10 +319,13 @@ def to_markdown(table: list[dict], dataset: str, planned: int | None = None) -> 
             p_values = [_p(row.get(f"p_vs_{r}")) for r in references]
             seeds = f"{row['seeds']}" + (f" ({row['failed']} failed)" if row["failed"] else "")
             layers = "–" if row["layers"] is None else f"{row['layers']:g}"
-            cells = [row["entry"], seeds, *metrics, f"{row['train_seconds']:.0f}",
+            cells = [row["entry"], seeds, *metrics, row["epochs"], f"{row['train_seconds']:.0f}",
                      f"{row['users_per_second']:.0f}", f"{row['parameters']:,}", layers, *p_values]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Metrics: mean ± 95 % CI half-width over seeds (Student's t). train s: RecBole's fit. "
+    lines += ["", "Metrics: mean ± 95 % CI half-width over seeds (Student's t). epochs (best): per seed, "
+              "epochs trained until RecBole's early stopping (stopping_step) ended them, and the best "
+              "validation epoch; 'cap' marks a run that the epoch cap stopped instead. "
+              "train s: RecBole's fit. "
               "users/s: full_sort_predict on the first test users, from scratch (backbone included). "
               "layers: transformer layers kept. p: paired t-test of NDCG@10 over shared seeds (– when "
               "fewer than 2 or identical)."]
@@ -303,7 +340,7 @@ def to_csv(table: list[dict]) -> str:
     buffer = io.StringIO()
     fields = ["entry", "seeds", "failed", "error"]
     fields += [f"{metric}_{part}" for metric in METRICS for part in ("mean", "ci95")]
-    fields += ["train_seconds", "users_per_second", "parameters", "layers"]
+    fields += ["epochs", "train_seconds", "users_per_second", "parameters", "layers"]
     fields += [f"p_vs_{r}" for r in REFERENCES]
     writer = csv.DictWriter(buffer, fields)
     writer.writeheader()
@@ -378,7 +415,7 @@ def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, p
 def write_tables(records: list[dict], entries: list[str], dataset: str, out: Path, planned: int,
                  bench: list[dict] | None) -> str:
     table = summarise(records, entries)
-    markdown = to_markdown(table, dataset, planned)
+    markdown = to_markdown(table, dataset, planned, protocol(records))
     write_atomic(out / f"{dataset}.md", markdown)
     write_atomic(out / f"{dataset}.csv", to_csv(table).rstrip("\n"))
     if any(row["seeds"] for row in table):
@@ -431,7 +468,11 @@ def main(argv=None) -> int:
         paths = [out / "runs" / args.dataset / name / f"seed{seed}.json"
                  for name in args.entries for seed in args.seeds]
         records = [json.loads(path.read_text(encoding="utf-8")) for path in paths if path.is_file()]
-        print(write_tables(records, args.entries, args.dataset, out, planned, bench))
+        try:
+            print(write_tables(records, args.entries, args.dataset, out, planned, bench))
+        except LayerSelError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         return 0
     options = {"redo_changed": args.redo_changed, "retry_failed": args.retry_failed}
     try:

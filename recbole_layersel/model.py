@@ -78,10 +78,6 @@ class CompactRecommender(nn.Module):
         with torch.no_grad():
             self.item_id_embedding.weight[0] = 0
         self.item_bias = nn.Parameter(torch.zeros(title_inputs.shape[0]))  # popularity, learnt
-        # Added to the score of every item already in the history. RecBole's sequential protocol keeps
-        # seen items among the candidates; this learns how likely a repeat is (strongly negative on
-        # MovieLens, where nobody rates a film twice).
-        self.history_weight = nn.Parameter(torch.zeros(()))
 
     def sequence_states(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         """Backbone output (B, T, H) for right-padded histories, cut to the longest one."""
@@ -98,23 +94,22 @@ class CompactRecommender(nn.Module):
     def item_vectors(self) -> torch.Tensor:
         return self.item_head(self.title_outputs) + self.item_id_embedding.weight
 
-    def scores(self, user_vectors: torch.Tensor, item_seq: torch.Tensor, items=None) -> torch.Tensor:
+    def scores(self, user_vectors: torch.Tensor, items=None) -> torch.Tensor:
         """Scores of all items (B, n_items), or of one item per row (B,) when ``items`` is given."""
         item_vectors = self.item_vectors()
         if items is None:
-            seen = torch.zeros(len(item_seq), len(item_vectors), device=item_seq.device)
-            seen.scatter_(1, item_seq, 1.0)[:, 0] = 0  # column 0 is the padding item
-            return user_vectors @ item_vectors.T + self.item_bias + self.history_weight * seen
-        seen = (item_seq == items.unsqueeze(1)).any(1).float()
-        dot = (user_vectors * item_vectors[items]).sum(-1)
-        return dot + self.item_bias[items] + self.history_weight * seen
+            return user_vectors @ item_vectors.T + self.item_bias
+        return (user_vectors * item_vectors[items]).sum(-1) + self.item_bias[items]
 
     def full_sort_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
-        return self.scores(self.user_vectors(self.last_states(item_seq, item_seq_len)), item_seq)
+        return self.scores(self.user_vectors(self.last_states(item_seq, item_seq_len)))
 
 
 def add_lora(backbone: CompactBackbone, r: int, alpha: int, dropout: float, targets=None) -> None:
     """Inject LoRA adapters into the kept layers; only they and the bridges stay trainable."""
+    if not backbone.layers:  # the text-only baseline: nothing to adapt
+        backbone.requires_grad_(False)
+        return
     targets = targets or LORA_TARGETS[backbone.family]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         fan_in_fan_out=backbone.family == "gpt2")  # GPT-2 stores Conv1D weights transposed
@@ -403,7 +398,7 @@ class LayerSelLLM(SequentialRecommender):
         return self.compact.user_vectors(self.last_states(interaction))
 
     def calculate_loss(self, interaction):
-        logits = self.compact.scores(self.forward(interaction), interaction[self.ITEM_SEQ])
+        logits = self.compact.scores(self.forward(interaction))
         loss = self.loss_fct(logits, interaction[self.POS_ITEM_ID])
         if not torch.isfinite(loss):
             users = interaction[self.USER_ID][:10].tolist()
@@ -415,8 +410,7 @@ class LayerSelLLM(SequentialRecommender):
         return loss
 
     def predict(self, interaction):
-        return self.compact.scores(self.forward(interaction), interaction[self.ITEM_SEQ],
-                                   interaction[self.ITEM_ID])
+        return self.compact.scores(self.forward(interaction), interaction[self.ITEM_ID])
 
     def full_sort_predict(self, interaction):
-        return self.compact.scores(self.forward(interaction), interaction[self.ITEM_SEQ])
+        return self.compact.scores(self.forward(interaction))

@@ -12,12 +12,12 @@ import torch.distributed as dist
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
+from recbole_layersel.all_positions import windowed
 from recbole_layersel.compat import atomic_files_verbatim, check_pins, compat_trainer
 from recbole_layersel.distributed import is_main, launcher_settings
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.export import META_NAME, export_compact
 from recbole_layersel.files import check_replaceable
-from recbole_layersel.llm import check_llm_path
+from recbole_layersel.protocol import convergence
 from recbole_layersel.registry import LayerSelConfig, get_trainer_class
 
 
@@ -61,6 +61,8 @@ def check_config(config) -> None:
             "be exported (packed weights, not tensors). Remove one of the two."
         )
     if config["export_dir"]:  # before training, not after it
+        from recbole_layersel.export import META_NAME  # imports the LLM stack: only runs that export
+
         check_replaceable(Path(config["export_dir"]).resolve(), META_NAME)
     title_field = config["title_field"] if getattr(config.model_class, "needs_titles", False) else None
     check_dataset_files(config["data_path"], config["dataset"], title_field)
@@ -72,6 +74,8 @@ def check_config(config) -> None:
                 f"Add it, e.g. load_col: {{item: [item_id, {title_field}]}}."
             )
         # The model resolves llm_path only after init_logger has created log/; check its form here.
+        from recbole_layersel.llm import check_llm_path  # transformers: only for models that read titles
+
         check_llm_path(config["llm_path"])
 
 
@@ -102,6 +106,8 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    if getattr(config.model_class, "trains_all_positions", False):
+        train_data = windowed(train_data, config)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = config.model_class(config, train_data._dataset).to(config["device"])
@@ -123,9 +129,13 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
     start = time.perf_counter()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     test_seconds = time.perf_counter() - start
+    if config["resume_file"] and is_main():  # the run is finished: nothing is left to resume
+        Path(config["resume_file"]).unlink(missing_ok=True)
     users_per_second = inference_throughput(model, test_data)
 
     if config["export_dir"] and is_main():
+        from recbole_layersel.export import export_compact
+
         logger.info(set_color("exported", "yellow") + f": {export_compact(model, config['export_dir'])}")
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
@@ -136,8 +146,10 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
-        # For leaderboards: training time (fit, hooks excluded), test time (checkpoint reload included),
-        # users scored in the test, inference throughput, parameter counts and the layers kept.
+        # For leaderboards: how training ended, training time (fit, hooks excluded), test time (checkpoint
+        # reload included), users scored in the test, inference throughput, parameter counts and the
+        # layers kept.
+        **convergence(trainer),
         "train_seconds": train_seconds,
         "test_seconds": test_seconds,
         "test_users": len(test_data._dataset),

@@ -32,18 +32,23 @@ PROPERTIES_DIR = REPO_ROOT / "properties"
 DATASET_CONFIGS_DIR = REPO_ROOT / "dataset_configs"
 DATASET_TEMPLATE = "TEMPLATE.yaml.example"  # in DATASET_CONFIGS_DIR; not <dataset>.yaml, so never loaded
 
-# RecBole's sequential benchmark protocol, as every shipped dataset_configs/*.yaml sets it: time-ordered
-# leave-one-out, full ranking. A dataset without a yaml gets it too.
+# The protocol every shipped dataset_configs/*.yaml sets: time-ordered leave-one-out, full ranking without
+# the user's earlier items, training until early stopping. A dataset without a yaml gets it too.
 SEQUENTIAL_PROTOCOL = {
     "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
     "metrics": ["NDCG", "MRR", "Precision", "Recall", "Hit"],
     "topk": [5, 10],
     "valid_metric": "NDCG@10",
+    "eval_mask_history": True,
+    "stopping_step": 10,
+    "epochs": 300,
 }
 
 # Plugin model name -> "module:class". Imported lazily, so that running a RecBole baseline never
 # imports transformers.
-PLUGIN_MODELS: dict[str, str] = {"LayerSelLLM": "recbole_layersel.model:LayerSelLLM"}
+PLUGIN_MODELS: dict[str, str] = {"LayerSelLLM": "recbole_layersel.model:LayerSelLLM",
+                                  "SASRecAllPositions": "recbole_layersel.all_positions:SASRecAllPositions"}
+RECBOLE_MODEL_PROPERTIES = Path(recbole.model.__file__).parents[1] / "properties" / "model"
 
 _RECBOLE_MODEL_PACKAGES = (
     "general_recommender",
@@ -103,6 +108,12 @@ class LayerSelConfig(Config):
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
+        # One evaluation protocol for every model (protocol.py), whatever the dataset's yaml says.
+        self.internal_config_dict["eval_mask_history"] = True
+        for parent in reversed(model_class.__mro__[1:]):  # a plugin subclass of a RecBole model: its yaml
+            parent_file = RECBOLE_MODEL_PROPERTIES / f"{parent.__name__}.yaml"
+            if parent_file.is_file():
+                self._update_internal_config_dict(parent_file)
         model_file = PROPERTIES_DIR / f"{model}.yaml"
         if model_file.is_file():
             self._update_internal_config_dict(model_file)

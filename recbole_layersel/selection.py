@@ -31,10 +31,10 @@ def check_strategy(strategy, num_layers, num_source_layers: int) -> None:
             f"layer_strategy={strategy!r} is not a strategy; use one of {', '.join(STRATEGIES)}, "
             "or list the layers with selected_layers: [..]."
         )
-    if not isinstance(num_layers, int) or not 1 <= num_layers <= num_source_layers:
+    if not isinstance(num_layers, int) or not 0 <= num_layers <= num_source_layers:
         raise LayerSelError(
-            f"num_layers={num_layers!r} must be an integer in 1..{num_source_layers} "
-            f"(the model has {num_source_layers} layers), or all."
+            f"num_layers={num_layers!r} must be an integer in 0..{num_source_layers} "
+            f"(the model has {num_source_layers} layers; 0 keeps none: title embeddings only), or all."
         )
 
 
@@ -47,6 +47,8 @@ def select_layers(num_source_layers: int, *, selected_layers=None, strategy: str
         return validate_selection(selected_layers, num_source_layers)
     check_strategy(strategy, num_layers, num_source_layers)
     k, total = num_layers, num_source_layers
+    if k == 0:
+        return []
     if strategy == "first":
         chosen = range(k)
     elif strategy == "last":

@@ -45,6 +45,7 @@ def test_finished_runs_are_not_redone(tiny, tmp_path, monkeypatch):
     first = run_entry("BPR-tiny", "tiny", 1, out, tiny)
     assert first["status"] == "ok", first.get("traceback")
     assert set(first["test"]) >= {"ndcg@10", "hit@10"} and first["parameters"] > 0
+    assert (first["epochs_run"], first["best_epoch"], first["stopped_by"]) == (1, 0, "epoch cap")
     path = out / "runs" / "tiny" / "BPR-tiny" / "seed1.json"
     assert json.loads(path.read_text()) == first
 
@@ -181,3 +182,32 @@ def test_the_run_records_the_code_it_loaded():
     code = leaderboard.loaded_code()
     assert "recbole_layersel.files" in code and "recbole_layersel.leaderboard" not in code
     assert code["recbole_layersel.files"] == leaderboard._module_sha256("recbole_layersel.files")
+
+
+def test_runs_of_different_protocols_never_share_a_table(tmp_path, capsys):
+    def record(entry, seed, mask):
+        return {"entry": entry, "seed": seed, "status": "ok", "test": dict.fromkeys(leaderboard.METRICS, 0.1),
+                "train_seconds": 1.0, "inference_users_per_second": 1.0, "parameters": 1,
+                "selected_layers": None, "epochs_run": 12, "best_epoch": 1, "stopped_by": "early stopping",
+                **({"config": {"eval_mask_history": mask}} if mask is not None else {})}
+
+    same = [record("Pop", 1, True), record("SASRec", 1, True)]
+    markdown = leaderboard.write_tables(same, ["Pop", "SASRec"], "tiny", tmp_path, 2, None)
+    assert "Evaluation protocol of every row: eval_mask_history=True." in markdown
+    assert "| Pop | 1 | 0.1000 | 0.1000 | 0.1000 | 0.1000 | 0.1000 | 0.1000 | 12 (1) |" in markdown
+    for odd in (record("SASRec", 2, False), record("SASRec", 2, None)):
+        with pytest.raises(LayerSelError, match=r"different evaluation protocols.*SASRec seed 2"):
+            leaderboard.write_tables([*same, odd], ["Pop", "SASRec"], "tiny", tmp_path, 3, None)
+    path = tmp_path / "runs" / "tiny" / "SASRec" / "seed2.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record("SASRec", 2, None)))
+    (tmp_path / "runs" / "tiny" / "Pop").mkdir()
+    (tmp_path / "runs" / "tiny" / "Pop" / "seed1.json").write_text(json.dumps(record("Pop", 1, True)))
+    args = ["--dataset", "tiny", "--entries", "Pop", "SASRec", "--seeds", "1", "2", "--out", str(tmp_path)]
+    assert leaderboard.main([*args, "--tables-only"]) == 2
+    assert "eval_mask_history=not recorded: SASRec seed 2" in capsys.readouterr().err
+
+
+def test_an_epoch_cap_is_marked():
+    capped = {"epochs_run": 5, "best_epoch": 4, "stopped_by": "epoch cap"}
+    assert leaderboard._epochs(capped) == "5 (4) cap" and leaderboard._epochs({}) == "–"

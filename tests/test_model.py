@@ -122,6 +122,21 @@ def test_num_layers_all_keeps_every_layer_of_the_model(build):
     assert model.selected_layers == list(range(NUM_LAYERS))
 
 
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_no_layer_at_all_is_the_text_only_baseline(build, mode):
+    model, loaders = build("llama", layer_strategy="first", num_layers=0, train_mode=mode)
+    model.before_training(*loaders)
+    assert model.selected_layers == [] and len(model.compact.backbone.layers) == 0
+    interaction = first_eval_batch(loaders[2])
+    with torch.no_grad():
+        states = model.compact.last_states(interaction["item_id_list"], interaction["item_length"])
+        rows, lengths = torch.arange(len(interaction)), interaction["item_length"]
+        last_items = interaction["item_id_list"][rows, lengths - 1]
+        assert torch.allclose(states, model.compact.backbone.norm(model.compact.title_inputs[last_items]))
+    losses = train_steps(model, loaders[0], 30)
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
 def test_frozen_mode_runs_the_backbone_once_per_user(build):
     model, loaders = build("llama")
     calls = []
@@ -285,7 +300,7 @@ def test_only_the_kept_layers_reach_the_gpu(build, dtype):
     ({"selected_layers": [0, NUM_LAYERS]}, r"layer indices \[6\] are out of range; valid indices are 0..5"),
     ({"selected_layers": [1, 1, 2]}, r"layer indices \[1\] are selected more than once"),
     ({"selected_layers": []}, "selected_layers is empty"),
-    ({"num_layers": NUM_LAYERS + 1}, r"num_layers=7 must be an integer in 1..6"),
+    ({"num_layers": NUM_LAYERS + 1}, r"num_layers=7 must be an integer in 0..6"),
     ({"layer_strategy": "best"}, "layer_strategy='best' is not a strategy"),
     ({"train_mode": "full"}, "train_mode='full'"),
     ({"MAX_ITEM_LIST_LENGTH": 4}, "train_mode=frozen needs MAX_ITEM_LIST_LENGTH >= the longest user history"),

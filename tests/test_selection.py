@@ -34,9 +34,9 @@ def test_explicit_layers_win_and_are_validated():
         select_layers(30, selected_layers=[30])
 
 
-@pytest.mark.parametrize("num_layers", [0, 31, "8", None])
+@pytest.mark.parametrize("num_layers", [-1, 31, "8", None])
 def test_bad_num_layers(num_layers):
-    with pytest.raises(LayerSelError, match=f"num_layers={num_layers!r} must be an integer in 1..30"):
+    with pytest.raises(LayerSelError, match=f"num_layers={num_layers!r} must be an integer in 0..30"):
         select_layers(30, strategy="last", num_layers=num_layers)
 
 

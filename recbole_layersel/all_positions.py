@@ -1,0 +1,70 @@
+"""SASRec trained as its paper trains it: one causal pass per user, a loss at every position.
+
+RecBole trains a sequential model on one row per training target, the prefix before it, so a user with n
+items costs n - 1 passes an epoch. Kang and McAuley train SASRec on the user's sequence once, with the
+target at position t being item t + 1: a causal model's state at t is the same whichever longer sequence
+it is read from, so that pass gives every target the gradient its prefix row would. ``window_rows`` keeps,
+per user, the RecBole rows that end every ``MAX_ITEM_LIST_LENGTH`` targets counting back from the last:
+their positions hold each training target exactly once (a history longer than one window is cut into
+windows, none dropped). Same module, same hyperparameters (RecBole's SASRec.yaml), another objective.
+
+Reference:
+    Wang-Cheng Kang and Julian McAuley. "Self-Attentive Sequential Recommendation." ICDM 2018.
+"""
+
+import torch
+from recbole.model.sequential_recommender.sasrec import SASRec
+from torch import nn
+
+from recbole_layersel.errors import LayerSelError
+
+
+def window_rows(user_ids: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Indices of the rows to keep among RecBole's training rows, whose rows of one user are consecutive
+    and in time order (its sequential augmentation writes them so): each user's last row, and every
+    ``max_length``-th row before it."""
+    starts = torch.ones_like(user_ids, dtype=torch.bool)
+    starts[1:] = user_ids[1:] != user_ids[:-1]
+    run_ids = starts.cumsum(0) - 1
+    run_ends = torch.nonzero(torch.cat([starts[1:], torch.tensor([True])])).flatten()
+    from_last = run_ends[run_ids] - torch.arange(len(user_ids))
+    return torch.nonzero(from_last % max_length == 0).flatten()
+
+
+def windowed(train_data, config):
+    """RecBole's training loader over ``window_rows`` of its dataset."""
+    dataset = train_data._dataset
+    rows = window_rows(dataset.inter_feat[config["USER_ID_FIELD"]], config["MAX_ITEM_LIST_LENGTH"])
+    return type(train_data)(config, dataset.copy(dataset.inter_feat[rows]), train_data._sampler, shuffle=True)
+
+
+class SASRecAllPositions(SASRec):
+    r"""RecBole's SASRec with the all-position cross-entropy of the SASRec paper (see the module docstring);
+    evaluation and scoring are SASRec's own."""
+
+    trains_all_positions = True  # quick_start trains it on ``windowed`` rows
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        if self.loss_type != "CE":
+            raise LayerSelError(f"SASRecAllPositions trains with loss_type CE, not {self.loss_type!r}.")
+        self._every_position = False
+
+    def gather_indexes(self, output, gather_index):
+        """SASRec's forward ends here: the last state, or every state while the loss reads them all."""
+        return output if self._every_position else super().gather_indexes(output, gather_index)
+
+    def calculate_loss(self, interaction):
+        item_seq, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        self._every_position = True
+        try:
+            states = self.forward(item_seq, lengths)  # (B, T, H)
+        finally:
+            self._every_position = False
+        targets = torch.zeros_like(item_seq)
+        targets[:, :-1] = item_seq[:, 1:]  # position t predicts the item after it ...
+        rows = torch.arange(len(item_seq), device=item_seq.device)
+        targets[rows, lengths - 1] = interaction[self.POS_ITEM_ID]  # ... the last one the row's target
+        filled = torch.arange(item_seq.shape[1], device=item_seq.device) < lengths.unsqueeze(1)
+        logits = states[filled] @ self.item_embedding.weight.T
+        return nn.functional.cross_entropy(logits, targets[filled])
