@@ -277,7 +277,8 @@ def summarise(records: list[dict], entries: list[str]) -> list[dict]:
 
 
 def _epochs(record: dict) -> str:
-    """``epochs run (best epoch)``, marked when an epoch cap, not early stopping, ended the training."""
+    """``epochs run (best epoch)``, marked when an epoch cap, not early stopping, ended the training (a
+    counting model such as Pop is complete after its one pass)."""
     if "epochs_run" not in record:
         return "–"
     cap = " cap" if record["stopped_by"] == "epoch cap" else ""

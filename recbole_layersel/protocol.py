@@ -147,8 +147,12 @@ class ResumeMixin:
 
 
 def convergence(trainer) -> dict:
-    """How training ended: epochs run, the best epoch (RecBole's own reckoning) and what stopped it."""
+    """How training ended: epochs run, the best epoch (RecBole's own reckoning) and what stopped it:
+    early stopping, the epoch cap, or the one pass that completes a counting model (Pop, ItemKNN)."""
     epochs_run = max(trainer.train_loss_dict, default=-1) + 1
-    early = trainer.cur_step > trainer.stopping_step
+    if trainer.config["MODEL_TYPE"] == ModelType.TRADITIONAL:
+        stopped_by = "one pass"
+    else:
+        stopped_by = "early stopping" if trainer.cur_step > trainer.stopping_step else "epoch cap"
     return {"epochs_run": epochs_run, "best_epoch": epochs_run - 1 - trainer.cur_step * trainer.eval_step,
-            "stopped_by": "early stopping" if early else "epoch cap"}
+            "stopped_by": stopped_by}

@@ -104,3 +104,11 @@ def test_a_run_killed_mid_training_resumes_and_ends_as_if_never_stopped(tmp_path
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
     assert resumed["epochs_run"] == 5 and resumed["stopped_by"] == "epoch cap"
     assert not (tmp_path / "killed.resume.pth").exists()  # a finished run leaves no resume state
+
+
+def test_a_counting_model_is_complete_after_its_one_pass(tmp_path, argv, monkeypatch):
+    write_atomic_dataset(tmp_path / "data", "tiny")
+    monkeypatch.chdir(tmp_path)
+    result = run_recbole("Pop", "tiny", config_dict={
+        "data_path": str(tmp_path / "data"), "load_col": {"inter": ["user_id", "item_id", "timestamp"]}})
+    assert (result["epochs_run"], result["stopped_by"]) == (1, "one pass")
