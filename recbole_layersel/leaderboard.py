@@ -374,11 +374,11 @@ def plot_leaderboard(table: list[dict], dataset: str, path: Path) -> None:
     save_figure(figure, path)
 
 
-_FRONTIER_ENTRY = re.compile(r"LayerSelLLM-(importance(-k[0-9]+)?|full)")
+_FRONTIER_ENTRY = re.compile(r"LayerSelLLM-(importance(-k[0-9]+)?|full|text)")
 
 
 def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, path: Path) -> bool:
-    """NDCG@10 against layers kept for LayerSelLLM-importance[-k<k>] and LayerSelLLM-full, with the
+    """NDCG@10 against layers kept for LayerSelLLM-importance[-k<k>], -text (k = 0) and -full, with the
     benchmark's speed-ups on a second axis; False (nothing drawn) with fewer than two sizes."""
     by_size: dict[int, list[float]] = {}
     for record in records:
@@ -392,7 +392,7 @@ def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, p
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.errorbar(sizes, [m for m, _ in summary], yerr=[h for _, h in summary], marker="o", capsize=3,
-                  color="tab:blue", label="NDCG@10 (importance selection; all = full model)")
+                  color="tab:blue", label="NDCG@10 (importance selection; 0 = text only, all = full model)")
     for k, (mean, _) in zip(sizes, summary, strict=True):
         axes.annotate(f"n={len(by_size[k])}", (k, mean), textcoords="offset points", xytext=(4, 4),
                       fontsize=7)

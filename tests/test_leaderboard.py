@@ -117,6 +117,8 @@ def test_charts_are_written_and_the_frontier_needs_two_sizes(tmp_path):
 
     records = [record("LayerSelLLM-importance", s, [0, 1], 0.1 + s / 100) for s in (1, 2)]
     assert not leaderboard.plot_frontier(records, "tiny", None, tmp_path / "frontier.png")
+    text_only = record("LayerSelLLM-text", 1, [], 0.05)  # k = 0 is a point of the frontier
+    assert leaderboard.plot_frontier([*records, text_only], "tiny", None, tmp_path / "frontier.png")
     records += [record("LayerSelLLM-full", s, [0, 1, 2, 3], 0.2) for s in (1, 2)]
     bench = [{"k": 2, "speedup": 1.9, "ideal": 2.0}, {"k": 4, "speedup": 1.0, "ideal": 1.0}]
     assert leaderboard.plot_frontier(records, "tiny", bench, tmp_path / "frontier.png")
