@@ -47,7 +47,8 @@ SEQUENTIAL_PROTOCOL = {
 # Plugin model name -> "module:class". Imported lazily, so that running a RecBole baseline never
 # imports transformers.
 PLUGIN_MODELS: dict[str, str] = {"LayerSelLLM": "recbole_layersel.model:LayerSelLLM",
-                                  "SASRecAllPositions": "recbole_layersel.all_positions:SASRecAllPositions"}
+                                  "SASRecAllPositions": "recbole_layersel.all_positions:SASRecAllPositions",
+                                  "Pop": "recbole_layersel.pop:Pop"}  # RecBole's Pop miscounts (pop.py)
 RECBOLE_MODEL_PROPERTIES = Path(recbole.model.__file__).parents[1] / "properties" / "model"
 
 _RECBOLE_MODEL_PACKAGES = (
