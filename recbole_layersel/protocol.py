@@ -51,7 +51,8 @@ class HistoryMaskMixin:
     """A RecBole trainer that evaluates under ``eval_mask_history`` (see the module docstring)."""
 
     def fit(self, train_data, *args, **kwargs):
-        self.training_items = training_items(train_data, self.config)
+        if self.config["MODEL_TYPE"] == ModelType.SEQUENTIAL:  # RecBole's samplers serve general models
+            self.training_items = training_items(train_data, self.config)
         return super().fit(train_data, *args, **kwargs)
 
     def _full_sort_batch_eval(self, batched_data):
@@ -106,8 +107,9 @@ class ResumeMixin:
 
     def _save_checkpoint(self, epoch, *args, **kwargs):
         super()._save_checkpoint(epoch, *args, **kwargs)
-        self.best_state = {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
-        self.best_epoch = epoch
+        if self.config["resume_file"]:  # a copy of the weights only when a resume state will hold it
+            self.best_state = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+            self.best_epoch = epoch
 
     def _writes(self) -> bool:
         return self.config["single_spec"] or self.config["local_rank"] == 0
