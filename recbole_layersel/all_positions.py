@@ -16,6 +16,7 @@ import torch
 from recbole.model.sequential_recommender.sasrec import SASRec
 from torch import nn
 
+from recbole_layersel.distributed import mean_under_ddp
 from recbole_layersel.errors import LayerSelError
 
 
@@ -36,6 +37,21 @@ def windowed(train_data, config):
     dataset = train_data._dataset
     rows = window_rows(dataset.inter_feat[config["USER_ID_FIELD"]], config["MAX_ITEM_LIST_LENGTH"])
     return type(train_data)(config, dataset.copy(dataset.inter_feat[rows]), train_data._sampler, shuffle=True)
+
+
+def all_position_loss(states: torch.Tensor, item_seq: torch.Tensor, lengths: torch.Tensor,
+                      last_targets: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all items at every position of right-padded rows (B, T): position t of a
+    row predicts its item t + 1, the last position the row's own target. ``states`` (B, T, H) are the
+    sequence model's outputs, scored against ``item_vectors`` (n_items, H). Under DDP the mean is over
+    the positions of every process."""
+    targets = torch.zeros_like(item_seq)
+    targets[:, :-1] = item_seq[:, 1:]
+    targets[torch.arange(len(item_seq), device=item_seq.device), lengths - 1] = last_targets
+    filled = torch.arange(item_seq.shape[1], device=item_seq.device) < lengths.unsqueeze(1)
+    logits = states[filled] @ item_vectors.T
+    return mean_under_ddp(nn.functional.cross_entropy(logits, targets[filled], reduction="sum"),
+                          int(filled.sum()))
 
 
 class SASRecAllPositions(SASRec):
@@ -61,10 +77,5 @@ class SASRecAllPositions(SASRec):
             states = self.forward(item_seq, lengths)  # (B, T, H)
         finally:
             self._every_position = False
-        targets = torch.zeros_like(item_seq)
-        targets[:, :-1] = item_seq[:, 1:]  # position t predicts the item after it ...
-        rows = torch.arange(len(item_seq), device=item_seq.device)
-        targets[rows, lengths - 1] = interaction[self.POS_ITEM_ID]  # ... the last one the row's target
-        filled = torch.arange(item_seq.shape[1], device=item_seq.device) < lengths.unsqueeze(1)
-        logits = states[filled] @ self.item_embedding.weight.T
-        return nn.functional.cross_entropy(logits, targets[filled])
+        return all_position_loss(states, item_seq, lengths, interaction[self.POS_ITEM_ID],
+                                 self.item_embedding.weight)

@@ -15,6 +15,7 @@ Each family is run the way its own ``modeling_<family>.py`` runs it: the layers 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from itertools import pairwise
 from numbers import Integral
 
@@ -170,9 +171,12 @@ class CompactBackbone(nn.Module):
 
     `base_model` may be a base model (LlamaModel, Qwen3Model, Gemma3TextModel, GPT2Model, BertModel, ...)
     or one with a head (*ForCausalLM, GPT2LMHeadModel, Gemma3ForConditionalGeneration, ...); heads, token
-    embeddings and unselected layers are not kept. The kept layer modules are *shared* with `base_model`
-    and adjusted in place (compact `layer_idx`, compact config), so do not run `base_model` afterwards;
-    deep-copy it first if it is still needed, e.g. as a distillation teacher.
+    embeddings and unselected layers are not kept. The kept layer modules are *shared* with `base_model`,
+    not copied and not changed: building a backbone leaves `base_model` as it was (several backbones of one
+    model can coexist, e.g. during the greedy search), while training one trains the source's layers too.
+    The layers keep their `layer_idx` (used only by KV caches, which are never passed) and read the
+    source's config, whose attention implementation ``self.config`` (the compact config, which drives the
+    masks) copies; `eager_attention` switches both.
     """
 
     def __init__(
@@ -234,16 +238,27 @@ class CompactBackbone(nn.Module):
             for before, after in pairwise(self.selected_layers)
         ).to(device=base.device, dtype=base.dtype)
 
-        # Caches index layers by `layer_idx`; number the kept layers 0..k-1 like a k-layer model.
-        for compact_idx, layer in enumerate(self.layers):
-            for module in layer.modules():
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = compact_idx
-        # One config (attention implementation, layer_types) must drive both the masks and the layers,
-        # also when these layers already served an earlier backbone built from the same model.
-        for module in self.modules():
+
+    def _configs(self) -> list[PretrainedConfig]:
+        """The compact config and every config object the kept layers read at run time."""
+        found = {id(self.config): self.config}
+        for module in self.layers.modules():
             if isinstance(getattr(module, "config", None), PretrainedConfig):
-                module.config = self.config
+                found.setdefault(id(module.config), module.config)
+        return list(found.values())
+
+    @contextmanager
+    def eager_attention(self):
+        """Run the masks and the layers with "eager" attention, which returns attention probabilities;
+        every config is put back afterwards, also on error."""
+        saved = [(config, config._attn_implementation) for config in self._configs()]
+        try:
+            for config, _ in saved:
+                config._attn_implementation = "eager"
+            yield self
+        finally:
+            for config, implementation in saved:
+                config._attn_implementation = implementation
 
     @property
     def dtype(self) -> torch.dtype:
@@ -282,11 +297,12 @@ class CompactBackbone(nn.Module):
 
         attentions, hooks = [], []
         if output_attentions:
-            if self.config._attn_implementation != "eager":
+            implementations = {config._attn_implementation for config in self._configs()}
+            if implementations != {"eager"}:
                 raise LayerSelError(
                     f"output_attentions=True needs attention probabilities, which the "
-                    f"{self.config._attn_implementation!r} attention does not return; load the model with "
-                    "attn_implementation='eager'."
+                    f"{', '.join(sorted(implementations))} attention does not return; load the model with "
+                    "attn_implementation='eager', or run inside `with backbone.eager_attention():`."
                 )
             attention_path = _SELF_ATTENTION.get(self.family, "self_attn")
             hooks = [

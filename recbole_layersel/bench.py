@@ -3,7 +3,9 @@
     python -m recbole_layersel.bench --llm-path smollm2-135m --num-layers 1 2 4 8 16 --repeats 20
 
 What is timed is ``CompactRecommender.full_sort_scores`` (what ``LayerSelLLM.full_sort_predict`` computes
-in LoRA / served mode: backbone over the history's title embeddings, heads, scores of every item). The
+in LoRA / served mode: backbone over the history's title embeddings, head, scores of every item), then a
+training step of ``train_mode: lora`` (LoRA on every layer, the all-position loss, forward and backward;
+the optimizer's update is left out: it is the same for every model). The
 "full" model is a ``CompactRecommender`` over all L layers (equal to the LLM's own forward); each compact
 one keeps k layers chosen by ``--strategy``, bridges included, and the rows end with k = L ("all").
 Title embeddings are synthetic (input embeddings of random tokens), the histories random item ids: the
@@ -33,11 +35,12 @@ from matplotlib.figure import Figure
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from recbole_layersel.all_positions import all_position_loss
 from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.compact import DTYPES, CompactRecommender, HeadConfig, add_lora
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import save_figure, write_atomic
 from recbole_layersel.llm import load_llm
-from recbole_layersel.model import DTYPES, CompactRecommender
 from recbole_layersel.registry import PROPERTIES_DIR
 from recbole_layersel.selection import DATA_FREE_STRATEGIES, select_layers
 
@@ -99,7 +102,7 @@ def _machine(device: torch.device) -> dict:
 def benchmark(llm_path: str, num_layers=DEFAULT_KS, *, batch_size: int = 64, seq_len: int = 50,
               num_items: int = 1682, repeats: int = 10, strategy: str = "uniform",
               bridge_rank: int | None = None, device: str = "cpu", dtype: str = "float32",
-              embedding_size: int = 128, seed: int = 0) -> dict:
+              embedding_size: int = 64, seed: int = 0) -> dict:
     """Time the full and the compact models; return ``{"machine", "settings", "full", "rows"}``.
 
     One row per k in `num_layers` below L, then k = L. `bridge_rank` goes to every ``CompactBackbone``
@@ -131,42 +134,44 @@ def benchmark(llm_path: str, num_layers=DEFAULT_KS, *, batch_size: int = 64, seq
     for name, layers in selections.items():
         backbone = CompactBackbone(llm, layers, bridge_rank=bridge_rank)
         torch.manual_seed(seed)
-        models[name] = CompactRecommender(backbone, *titles, embedding_size).to(device).eval()
+        head = HeadConfig(embedding_size=embedding_size, max_length=seq_len)
+        models[name] = CompactRecommender(backbone, *titles, head).to(device).eval()
     del llm, embed  # frees the token embeddings, which no model uses
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = {name: [] for name in models}
     with torch.inference_mode():
-        for round_ in range(repeats + 1):  # round 0 warms up: first calls allocate and pick kernels
-            for name, model in models.items():
-                sync()
-                start = perf_counter()
-                model.full_sort_scores(item_seq, item_seq_len)
-                sync()
-                if round_:
-                    times[name].append(perf_counter() - start)
+        times = _interleaved(models, lambda m: m.full_sort_scores(item_seq, item_seq_len), repeats, device)
         peaks = {name: tensor_bytes(model) + peak_memory_bytes(
                      lambda m=model: m.full_sort_scores(item_seq, item_seq_len), device)
                  for name, model in models.items()}
+    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    # LoRA on every layer (the compact models share them) and the all-position loss: train_mode=lora.
+    add_lora(models["full"].backbone, r=8, alpha=16, dropout=0.0)
+    targets = torch.randint(1, num_items + 1, (batch_size,), generator=generator).to(device)
+
+    def train_step(model) -> None:
+        states = model.sequence_output(item_seq, model.backbone_states(item_seq))
+        all_position_loss(states, item_seq, item_seq_len, targets, model.item_vectors()).backward()
+        model.zero_grad(set_to_none=True)
+
+    step_times = _interleaved({name: model.train() for name, model in models.items()}, train_step, repeats,
+                              device)
 
     def measures(name) -> dict:
-        t = np.array(times[name])
+        t, step = np.array(times[name]), float(np.median(step_times[name]))
         return {"median_s": float(np.median(t)), "p95_s": float(np.percentile(t, 95)),
                 "users_per_s": batch_size * len(t) / float(t.sum()),  # over all repeats, not the median
-                "params": sum(p.numel() for p in models[name].parameters()), "peak_bytes": peaks[name]}
+                "train_step_s": step, "params": params[name], "peak_bytes": peaks[name]}
 
     full = measures("full")
     rows = []
     for k in ks:
         m = measures(k)
-        speedup = full["median_s"] / m["median_s"]
+        speedup, train_speedup = full["median_s"] / m["median_s"], full["train_step_s"] / m["train_step_s"]
         rows.append({"k": k, "layers": models[k].backbone.selected_layers, "speedup": speedup,
                      "p95_speedup": full["p95_s"] / m["p95_s"],
                      "throughput_ratio": m["users_per_s"] / full["users_per_s"],
                      "ideal": total / k, "share_of_ideal": speedup / (total / k),
+                     "train_speedup": train_speedup, "train_share_of_ideal": train_speedup / (total / k),
                      "params_ratio": m["params"] / full["params"],
                      "peak_memory_ratio": m["peak_bytes"] / full["peak_bytes"], "absolute": m})
     settings = {"llm_path": llm_path, "total_layers": total, "strategy": strategy,
@@ -176,17 +181,38 @@ def benchmark(llm_path: str, num_layers=DEFAULT_KS, *, batch_size: int = 64, seq
     return {"machine": _machine(device), "settings": settings, "full": full, "rows": rows}
 
 
+def _interleaved(models: dict, call, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of ``call(model)`` per model and round, the models interleaved within each round so that
+    machine noise hits all alike; round 0 warms up (first calls allocate and pick kernels), untimed."""
+    times = {name: [] for name in models}
+    for round_ in range(repeats + 1):
+        for name, model in models.items():
+            _sync(device)
+            start = perf_counter()
+            call(model)
+            _sync(device)
+            if round_:
+                times[name].append(perf_counter() - start)
+    return times
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def markdown_table(result: dict) -> str:
     total, full = result["settings"]["total_layers"], result["full"]
     lines = [f"Ratios to the full model ({total} layers, {full['params']:,} parameters without token "
              "embeddings); speed-ups and throughput: higher is faster; parameters and peak memory: lower "
              "is smaller.", "",
              f"| k of {total} | speed-up (median) | speed-up (p95) | throughput | ideal L/k | share of ideal "
-             "| parameters | peak memory |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| training step speed-up | its share of ideal | parameters | peak memory |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['k'] if r['k'] < total else f'all ({total})'} | {r['speedup']:.2f}x "
               f"| {r['p95_speedup']:.2f}x | {r['throughput_ratio']:.2f}x | {r['ideal']:.2f}x "
-              f"| {100 * r['share_of_ideal']:.0f} % | {r['params_ratio']:.3f} "
+              f"| {100 * r['share_of_ideal']:.0f} % | {r['train_speedup']:.2f}x "
+              f"| {100 * r['train_share_of_ideal']:.0f} % | {r['params_ratio']:.3f} "
               f"| {r['peak_memory_ratio']:.3f} |"
               for r in result["rows"]]
     return "\n".join(lines)
@@ -243,7 +269,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds after one warm-up round")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--embedding-size", type=int, default=128)
+    parser.add_argument("--embedding-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args(argv)

@@ -67,6 +67,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(tensor.shape)
 
 
+def mean_under_ddp(total: torch.Tensor, count: int) -> torch.Tensor:
+    """``total / count`` over every process of a group, as this process's share: DDP averages the
+    processes' gradients, so each returns ``total * world / (count summed over processes)``, which
+    weighs every term alike however unevenly the processes' batches hold them."""
+    if not active():
+        return total / count
+    counts = all_reduce_sum(torch.tensor(float(count), device=total.device))
+    return total * rank_and_world()[1] / counts
+
+
 def from_main(load: Callable[[], T]) -> T:
     """Rank 0's ``load()`` in every process (e.g. a cache lookup: the processes must agree on a hit, or
     some would skip a pass whose collectives the others wait in)."""

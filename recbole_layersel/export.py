@@ -1,7 +1,7 @@
 """Export a trained LayerSelLLM's compact model alone, and load it back without the full LLM or pickles.
 
-    <dir>/model.safetensors   every tensor of the CompactRecommender: kept layers, bridges, heads,
-                              title embeddings (and LoRA adapters, when trained with LoRA)
+    <dir>/model.safetensors   every tensor of the CompactRecommender: kept layers, bridges, head, item
+                              vectors, title embeddings (and LoRA adapters, when trained with LoRA)
     <dir>/layersel.json       source model, selection, backbone config, sizes, LoRA settings; the
                               dataset's item ids, titles and training counts in the model's internal
                               order; each user's history (dataset ids, oldest first)
@@ -11,6 +11,7 @@ half-written export where a complete one is expected.
 """
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,11 +19,11 @@ from safetensors.torch import load_file, save_file
 from transformers import CONFIG_MAPPING
 
 from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.compact import CompactRecommender, HeadConfig, add_lora
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import write_folder
-from recbole_layersel.model import CompactRecommender, add_lora
 
-FORMAT = "recbole_layersel.compact/2"  # 2: no learnt history term
+FORMAT = "recbole_layersel.compact/3"  # 3: ID + text item vectors under a SASRec head
 WEIGHTS_NAME, META_NAME = "model.safetensors", "layersel.json"
 
 
@@ -45,13 +46,12 @@ def export_compact(model, directory: str | Path) -> Path:
         "bridge_rank": backbone.bridge_rank,
         "backbone_config": backbone.config.to_dict(),
         "dtype": str(backbone.dtype).removeprefix("torch."),
-        "embedding_size": compact.item_id_embedding.embedding_dim,
+        "head": asdict(compact.head_config),
         "lora": model.lora_settings if model.train_mode == "lora" else None,
         "item_field": model.ITEM_ID,
         "item_ids": model.item_tokens,
         "titles": model.item_title_texts,
         "item_counts": model.item_counts,
-        "max_history": model.max_seq_length,
         "user_histories": model.user_histories,
     }
     directory = Path(directory).resolve()
@@ -84,8 +84,8 @@ def load_compact(directory: str | Path) -> tuple[CompactRecommender, dict]:
         meta["bridge_rank"])
     backbone.to(getattr(torch, meta["dtype"]))
     state = load_file(weights_path)
-    compact = CompactRecommender(
-        backbone, state["title_inputs"], state["title_outputs"], meta["embedding_size"])
+    compact = CompactRecommender(backbone, state["title_inputs"], state["title_prior"],
+                                 HeadConfig(**meta["head"]))
     if meta["lora"]:
         add_lora(backbone, **meta["lora"])
     compact.load_state_dict(state, strict=True)

@@ -7,6 +7,7 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
 
@@ -102,6 +103,16 @@ def save_figure(figure, path: Path) -> None:
     """A matplotlib figure as a PNG, written atomically (a failed write leaves no partial file)."""
     with replaced_on_success(path) as partial:
         figure.savefig(partial, format="png", dpi=120)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """The config values one stage reads, and the only way it reads them: the fields are part of the
+    stage's cache key, so no setting that changes a result can be left out of it."""
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{field.name: config[field.name] for field in fields(cls)})
 
 
 class StageCache:

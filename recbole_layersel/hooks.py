@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ from recbole_layersel.distributed import (
     rank_and_world,
 )
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.files import StageCache, code_sha256, tensors_sha256, write_atomic
+from recbole_layersel.files import StageCache, StageSettings, code_sha256, tensors_sha256, write_atomic
 from recbole_layersel.importance import ImportanceResult, compute_importance, plot_importance_heatmap
 from recbole_layersel.selection import DATA_FREE_STRATEGIES, greedy_select, select_layers
 
@@ -119,17 +119,25 @@ def _teacher_states(backbone, inputs, mask, batch_size: int, per_layer: bool) ->
     return {name: all_reduce_sum(tensor) for name, tensor in states.items()}
 
 
-def warm_up_heads(compact, last_states: torch.Tensor, targets: torch.Tensor, steps: int, lr: float) -> None:
+def head_scores(compact, sample: SequenceSample, states: torch.Tensor, rows=slice(None)) -> torch.Tensor:
+    """Scores of every item after the histories of ``sample`` (or its ``rows``), read by the head from
+    the backbone ``states`` (B, T, H) of those rows."""
+    return compact(sample.item_seq[rows], sample.lengths[rows], states) @ compact.item_vectors().T
+
+
+def warm_up_heads(compact, states: torch.Tensor, sample: SequenceSample, steps: int, lr: float) -> None:
     """Train the heads (everything but the backbone) on fixed full-model states, so the importance
-    loss is the loss of a recommender, not of random heads."""
+    loss is the loss of a recommender, not of random heads; they are left in eval mode (no dropout), in
+    which the importance pass and the proxy read them."""
     heads = [p for name, p in compact.named_parameters() if not name.startswith("backbone.")]
     optimizer = torch.optim.Adam(heads, lr=lr)
+    compact.train()
     for _ in range(steps):
-        scores = compact.scores(compact.user_vectors(last_states))
-        loss = nn.functional.cross_entropy(scores, targets)
+        loss = nn.functional.cross_entropy(head_scores(compact, sample, states), sample.targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    compact.eval()
 
 
 def _ndcg_at_10(scores: torch.Tensor, targets: torch.Tensor) -> float:
@@ -148,16 +156,6 @@ def artifacts_dir(config) -> Path | None:
         if isinstance(handler, logging.FileHandler) and handler.baseFilename != os.devnull:
             return Path(handler.baseFilename).with_suffix("")
     return None
-
-
-@dataclass(frozen=True)
-class StageSettings:
-    """The config values one stage reads, and the only way it reads them: the fields are part of the
-    stage's cache key, so no setting that changes a result can be left out of it."""
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**{field.name: config[field.name] for field in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -228,12 +226,13 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
     inputs = compact_model.title_inputs[sample.item_seq]
     mask = (sample.item_seq != 0).long()
     # What every stage reads: the model's weights (by file), the code, the sample, and the fixed and
-    # initial tensors of the recommender (title embeddings in the backbone's dtype, heads).
+    # initial tensors of the recommender (title embeddings in the backbone's dtype, heads) and the head's
+    # settings (its dropout and attention heads change no tensor).
     read = {name: tensor for name, tensor in compact_model.state_dict().items()
             if not name.startswith("backbone.")}
     importance_key = {"stage": "importance", "code": code_sha256(), "llm": model.llm_fingerprint,
                       "dtype": str(full.dtype), "sample": sample.sha256(), "tensors": tensors_sha256(read),
-                      **asdict(imp)}
+                      "head": asdict(compact_model.head_config), **asdict(imp)}
 
     # The warm-up below trains the heads; every strategy must start RecBole's training from the same
     # heads, so they are put back at the end.
@@ -247,16 +246,16 @@ def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone
         # teacher that distillation needs; otherwise the importance pass below returns the teacher.
         teacher = _teacher_states(full, inputs, mask, batch_size,
                                   per_layer=cached is not None and dist.distill_layerwise)
-        warm_up_heads(compact_model, _last(teacher["last"], sample.lengths), sample.targets,
-                      imp.importance_warmup_steps, imp.learning_rate * 10)
+        warm_up_heads(compact_model, teacher["last"], sample, imp.importance_warmup_steps,
+                      imp.learning_rate * 10)
         broadcast_parameters(compact_model, skip_prefix="backbone.")  # GPU kernels may differ by a bit
         if cached is not None:
             importance = ImportanceResult(**cached)
             logger.info("Reusing layer importance from the stage cache.")
         else:
-            def rec_loss(last_states, rows):
-                logits = compact_model.scores(compact_model.user_vectors(last_states))
-                return nn.functional.cross_entropy(logits, sample.targets[rows])
+            def rec_loss(states, rows):
+                return nn.functional.cross_entropy(head_scores(compact_model, sample, states, rows),
+                                                   sample.targets[rows])
 
             importance, teacher = compute_importance(
                 full, inputs, mask, rec_loss, weights=imp.importance_weights,
@@ -343,11 +342,11 @@ def _greedy(compact_model, llm, full, sample: SequenceSample, settings: Selectio
 
     @torch.no_grad()
     def evaluate(layers: list[int]) -> float:
-        last = _last(_final_states(CompactBackbone(llm, layers), inputs, mask, batch_size), sample.lengths)
+        states = _final_states(CompactBackbone(llm, layers), inputs, mask, batch_size)
         if proxy == "fidelity":
+            last = _last(states, sample.lengths)
             return float(nn.functional.cosine_similarity(last, full_last, dim=-1).mean())
-        scores = compact_model.scores(compact_model.user_vectors(last))
-        return _ndcg_at_10(scores, sample.targets)
+        return _ndcg_at_10(head_scores(compact_model, sample, states), sample.targets)
 
     return greedy_select(ranking, evaluate, target_k=settings.num_layers,
                          patience=settings.selection_patience, min_gain=settings.selection_min_gain,

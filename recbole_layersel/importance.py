@@ -180,9 +180,9 @@ def compute_importance(
 
     backbone: a CompactBackbone holding ALL layers of its source model (then it is the full model).
     inputs_embeds (N, T, H) and attention_mask (N, T) of 1/0, right-padded (each row's valid positions
-    first). loss_fn(last_states, rows) -> scalar loss, where last_states (B, H) are the backbone's final
-    states (after the final norm) at each row's last valid position and rows is a LongTensor, on the
-    device of inputs_embeds, of the mini-batch's row indices into the N rows (to look up targets).
+    first). loss_fn(states, rows) -> scalar loss, where states (B, T, H) are the backbone's final states
+    (after the final norm) of the mini-batch and rows is a LongTensor, on the device of inputs_embeds, of
+    its row indices into the N rows (to look up histories and targets).
 
     One pass in mini-batches of `batch_size`, shared out over the processes of a process group if
     there is one (``distributed.py``: every sum and the teacher are all-reduced, so every process gets
@@ -198,7 +198,7 @@ def compute_importance(
     fusion_weights = validate_weights(weights)  # fail on bad weights before the expensive pass
     _check_positive_int("attention_top_k", attention_top_k)
     _check_positive_int("batch_size", batch_size)
-    lengths = _check_inputs(backbone, inputs_embeds, attention_mask)
+    _check_inputs(backbone, inputs_embeds, attention_mask)
 
     layers = list(backbone.layers)
     num_layers = len(layers)
@@ -233,31 +233,26 @@ def compute_importance(
 
         return record_input
 
-    saved_attention = backbone.config._attn_implementation
     saved_requires_grad = [param.requires_grad for param in params]
     saved_training = {module: module.training for module in backbone.modules()}
     hooks = []
     try:
-        # The backbone points every kept module's config at backbone.config, so this reaches the layers.
-        backbone.config._attn_implementation = "eager"
         backbone.eval()
         for param in params:
             param.requires_grad_(True)
         hooks = [layer.register_forward_pre_hook(input_recorder(i)) for i, layer in enumerate(layers)]
-        with torch.enable_grad():
+        with torch.enable_grad(), backbone.eager_attention():
             for start, stop in my_batches(num_rows, batch_size):
                 batch_mask = attention_mask[start:stop].to(device)
                 batch_embeds = inputs_embeds[start:stop].detach().to(device=device, dtype=dtype)
                 last, per_layer, attentions = backbone(
                     batch_embeds, batch_mask, output_hidden_states=True, output_attentions=True
                 )
-                last_positions = lengths[start:stop].to(device) - 1
-                last_states = last[torch.arange(stop - start, device=device), last_positions]
                 rows = torch.arange(start, stop, device=inputs_embeds.device)
-                loss = loss_fn(last_states, rows)
+                loss = loss_fn(last, rows)
                 if not (isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.requires_grad):
                     raise LayerSelError(
-                        f"loss_fn must return a scalar tensor that depends on last_states, got {loss!r}; "
+                        f"loss_fn must return a scalar tensor that depends on the states, got {loss!r}; "
                         "return e.g. a cross-entropy over the items for these rows."
                     )
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -293,7 +288,6 @@ def compute_importance(
             param.requires_grad_(requires_grad)
         for module, training in saved_training.items():
             module.training = training
-        backbone.config._attn_implementation = saved_attention
 
     # Each process filled its own rows of the teacher (zeros elsewhere): the sum is every row.
     for sums in (fisher_sums, distance_sums, attention_rows, *token_sums.values(), *attention_sums.values(),
@@ -340,8 +334,8 @@ def _check_positive_int(name: str, value) -> None:
         raise LayerSelError(f"{name} must be a positive integer, got {value!r}; e.g. {name}=4.")
 
 
-def _check_inputs(backbone, inputs_embeds, attention_mask) -> torch.Tensor:
-    """Validate the backbone and the sample; return each row's number of valid positions."""
+def _check_inputs(backbone, inputs_embeds, attention_mask) -> None:
+    """Validate the backbone and the sample."""
     if not isinstance(backbone, CompactBackbone):
         raise LayerSelError(
             f"backbone must be a CompactBackbone, got {type(backbone).__name__}; "
@@ -379,7 +373,6 @@ def _check_inputs(backbone, inputs_embeds, attention_mask) -> torch.Tensor:
             f"attention_mask rows {bad_rows[:10]} are empty or not right-padded; every row needs at least "
             "one valid position and its valid positions first (1 ... 1 0 ... 0)."
         )
-    return lengths
 
 
 def _token_sums(inputs_valid: torch.Tensor, outputs_valid: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -84,7 +84,7 @@ class Recommender:
         for i in set(range(len(histories))) - set(known):
             results[i] = self._popular(top_k)
         if known:
-            max_history = self.meta["max_history"]
+            max_history = self.meta["head"]["max_length"]
             rows = [[self.index[str(item)] for item in histories[i]][-max_history:] for i in known]
             item_seq = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
             for row, items in enumerate(rows):

@@ -3,12 +3,15 @@
 Two vectors per item, both of the LLM's hidden size:
 - ``inputs``: the mean of the title's input token embeddings. It lives where a transformer's first layer
   expects its inputs, so a user's history becomes a sequence of ``inputs_embeds`` for the backbone.
-- ``outputs``: the LLM's last hidden states pooled over the title (``mean`` or ``last`` token), the
-  item's text representation on the scoring side.
+- ``prior``: the LLM's hidden states pooled over the title (``mean`` or ``last`` token), the item's
+  text prior, which its trainable vector starts from. ``layer`` picks the hidden states: ``None`` for the
+  last (after the final norm), i for the output of layer i (0 = the token embeddings): a middle layer is
+  often a better text embedding than the last, which is shaped to predict the next token.
 Row 0 is RecBole's padding item and stays zero.
 """
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,10 +19,19 @@ from tqdm import tqdm
 
 from recbole_layersel.distributed import all_reduce_sum, from_main, is_main, my_batches
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.files import StageCache
+from recbole_layersel.files import StageCache, StageSettings
 
 logger = logging.getLogger(__name__)
 POOLINGS = ("mean", "last")
+
+
+@dataclass(frozen=True)
+class TitleSettings(StageSettings):
+    title_max_tokens: int
+    title_pooling: str
+    title_layer: int | None
+    llm_dtype: str
+    llm_quantization: str | None
 
 
 def item_titles(dataset, title_field: str) -> list[str]:
@@ -37,33 +49,40 @@ def item_titles(dataset, title_field: str) -> list[str]:
 
 
 @torch.no_grad()
-def encode_titles(llm, tokenizer, titles: list[str], *, max_tokens: int, pooling: str,
-                  batch_size: int, show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """``{"inputs": (n, H), "outputs": (n, H)}`` for ``titles`` (see the module docstring)."""
+def encode_titles(llm, tokenizer, titles: list[str], settings: TitleSettings, *, batch_size: int,
+                  show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """``{"inputs": (n, H), "prior": (n, H)}`` for ``titles`` (see the module docstring); ``llm`` was
+    loaded with the settings' dtype and quantization."""
+    pooling, layer = settings.title_pooling, settings.title_layer
     if pooling not in POOLINGS:
         raise LayerSelError(f"title_pooling={pooling!r} is not supported; use one of {POOLINGS}.")
+    num_layers = llm.config.get_text_config().num_hidden_layers
+    if layer is not None and not (isinstance(layer, int) and 0 <= layer <= num_layers):
+        raise LayerSelError(f"title_layer={layer!r}; use ~ (the last hidden states) or a layer in "
+                            f"0..{num_layers} (0 = token embeddings, i = the output of layer i).")
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have no pad token; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     embed_tokens = llm.get_input_embeddings()
     device = embed_tokens.weight.device
     # Under a process group each process encodes its share of the batches (distributed.py).
-    encoded = {name: torch.zeros(len(titles), embed_tokens.weight.shape[1]) for name in ("inputs", "outputs")}
+    encoded = {name: torch.zeros(len(titles), embed_tokens.weight.shape[1]) for name in ("inputs", "prior")}
     for start, stop in tqdm(my_batches(len(titles), batch_size), desc="encode titles", unit="batch",
                             disable=not show_progress):
         batch = tokenizer(titles[start:stop], padding=True, truncation=True,
-                          max_length=max_tokens, return_tensors="pt").to(device)
+                          max_length=settings.title_max_tokens, return_tensors="pt").to(device)
         mask = batch["attention_mask"].unsqueeze(-1).to(embed_tokens.weight.dtype)
         counts = mask.sum(1).clamp(min=1)
         token_inputs = embed_tokens(batch["input_ids"]) * mask
         encoded["inputs"][start:stop] = (token_inputs.sum(1) / counts).float().cpu()
-        hidden = llm(**batch).last_hidden_state
+        outputs = llm(**batch, output_hidden_states=layer is not None)
+        hidden = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
         if pooling == "mean":
             pooled = (hidden * mask).sum(1) / counts
         else:
             last = (batch["attention_mask"].sum(1) - 1).clamp(min=0)
             pooled = hidden[torch.arange(hidden.shape[0], device=device), last]
-        encoded["outputs"][start:stop] = pooled.float().cpu()
+        encoded["prior"][start:stop] = pooled.float().cpu()
     encoded = {name: all_reduce_sum(tensor) for name, tensor in encoded.items()}
     for name in encoded:  # RecBole's padding item 0 has no title
         encoded[name][0] = 0
@@ -72,7 +91,7 @@ def encode_titles(llm, tokenizer, titles: list[str], *, max_tokens: int, pooling
 
 def cached_title_embeddings(cache_dir: Path, key: dict, compute) -> dict[str, torch.Tensor]:
     """``compute()``'s result, kept in the stage cache under ``cache_dir`` and reused while the key
-    (model, dataset, titles, settings) is unchanged."""
+    (model, dataset, titles, code and the fields of `TitleSettings`) is unchanged."""
     cache = StageCache(cache_dir)
     cached = from_main(lambda: cache.load_tensors("title_embeddings", key))  # all agree on a hit
     if cached is not None:

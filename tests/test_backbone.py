@@ -266,21 +266,29 @@ def test_unselected_layers_and_heads_are_released():
     assert sum(p.numel() for p in backbone.parameters()) == expected_numel < full_numel
 
 
-def test_kept_layers_are_renumbered_and_keep_their_attention_type():
-    model = make_model("gemma3_text")
+@torch.no_grad()
+def test_building_a_backbone_leaves_the_source_model_as_it_was():
+    model = make_model("gemma3_text").eval()
+    inputs = random_inputs()
+    before = model(inputs_embeds=inputs).last_hidden_state
+    configs = [(module, module.config) for module in model.modules() if hasattr(module, "config")]
+    layer_ids = [(module, module.layer_idx) for module in model.modules() if hasattr(module, "layer_idx")]
     backbone = CompactBackbone(model, [4, 0, 1])
-    assert backbone.selected_layers == [0, 1, 4]
-    assert backbone.num_source_layers == NUM_LAYERS
+    assert backbone.selected_layers == [0, 1, 4] and backbone.num_source_layers == NUM_LAYERS
     assert backbone.config.num_hidden_layers == 3
     assert backbone.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
-    assert model.config.num_hidden_layers == NUM_LAYERS  # the source config is copied, not edited
-    assert [layer.self_attn.layer_idx for layer in backbone.layers] == [0, 1, 2]
     assert [layer.self_attn.sliding_window for layer in backbone.layers] == [
         SLIDING_WINDOW,
         None,
         SLIDING_WINDOW,
     ]
-    assert all(layer.self_attn.config is backbone.config for layer in backbone.layers)
+    with backbone.eager_attention():
+        backbone(inputs, output_attentions=True)
+    assert all(module.config is config for module, config in configs)
+    assert all(module.layer_idx == index for module, index in layer_ids)
+    assert model.config.num_hidden_layers == NUM_LAYERS and model.config._attn_implementation == "sdpa"
+    assert backbone.config._attn_implementation == "sdpa"
+    assert torch.equal(model(inputs_embeds=inputs).last_hidden_state, before)
 
 
 @torch.no_grad()

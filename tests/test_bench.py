@@ -41,6 +41,8 @@ def test_benchmark_writes_ratio_rows_for_each_k_and_all(tiny_llm, tmp_path):
     for r in rows:
         assert r["speedup"] > 0 and r["p95_speedup"] > 0 and r["throughput_ratio"] > 0
         assert r["share_of_ideal"] == pytest.approx(r["speedup"] / r["ideal"])
+        assert r["train_speedup"] > 0 and r["absolute"]["train_step_s"] > 0
+        assert r["train_share_of_ideal"] == pytest.approx(r["train_speedup"] / r["ideal"])
         assert r["absolute"]["p95_s"] >= r["absolute"]["median_s"] > 0
         assert r["absolute"]["peak_bytes"] > tensor_bytes(torch.nn.Linear(32, 8))
     assert result["full"]["p95_s"] >= result["full"]["median_s"]

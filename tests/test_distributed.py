@@ -44,7 +44,8 @@ def importance_and_distillation() -> dict:
     targets = torch.randint(0, 5, (ROWS,), generator=generator)
     head = torch.randn(HIDDEN, 5, generator=generator)
 
-    def rec_loss(last_states, rows):
+    def rec_loss(states, rows):
+        last_states = states[torch.arange(len(states)), mask[rows].sum(1) - 1]
         return torch.nn.functional.cross_entropy(last_states @ head, targets[rows])
 
     full = CompactBackbone(model, list(range(NUM_LAYERS)))
@@ -135,16 +136,17 @@ def test_hooks_under_accelerate_launch_match_one_process(tmp_path):
 
 @pytest.mark.parametrize("train_mode", ["frozen", "lora"])
 def test_recbole_ddp_trains_layersel_like_one_process(tmp_path, argv, train_mode):
-    # Unshuffled, RecBole's DistributedSampler gives each of 2 processes every other row of each batch
-    # of 16 (60 training rows, 12 test users: no padding), so every step averages the same gradient.
-    # No LoRA dropout: each process draws from its own random stream.
+    # Unshuffled, RecBole's DistributedSampler gives each of 2 processes every other row of a batch (12
+    # training windows, one per user, 12 test users: no padding); the loss is a mean over the positions
+    # of both processes, so every step takes the gradient one process takes.
+    # No dropout (head, LoRA): each process draws from its own random stream.
     results = {}
     for nproc in (1, 2):
         folder = tmp_path / f"nproc{nproc}"
         folder.mkdir()
         config = write_run_config(folder, shuffle=False, train_batch_size=16, eval_batch_size=16,
                                   epochs=2, layer_strategy="importance", train_mode=train_mode,
-                                  lora_dropout=0.0)
+                                  lora_dropout=0.0, head_dropout=0.0)
         results[nproc] = run("LayerSelLLM", "tiny", config_file_list=[config], nproc=nproc, port=free_port())
     one, two = results[1], results[2]
     assert two["selected_layers"] == one["selected_layers"]

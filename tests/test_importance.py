@@ -58,8 +58,13 @@ def sample():
 
 
 def cross_entropy_loss(head, targets):
-    """A recommendation-style loss: scores of a fixed linear head, cross-entropy with fixed targets."""
-    return lambda last_states, rows: F.cross_entropy(last_states @ head, targets[rows])
+    """A recommendation-style loss: scores of a fixed linear head on the last states, cross-entropy with
+    fixed targets."""
+    def loss(states, rows):
+        last_states = states[torch.arange(len(states)), LENGTHS[rows] - 1]
+        return F.cross_entropy(last_states @ head, targets[rows])
+
+    return loss
 
 
 def reference_pass(model, inputs):
@@ -246,7 +251,7 @@ def test_restores_attention_implementation_flags_modes_and_leaves_no_grad():
     compute_importance(backbone, inputs, MASK, cross_entropy_loss(head, targets), batch_size=BATCH_SIZE)
     check_restored()
 
-    def failing_loss(last_states, rows):
+    def failing_loss(states, rows):
         raise RuntimeError("loss failed")
 
     with pytest.raises(RuntimeError, match="loss failed"):
@@ -305,7 +310,7 @@ def test_bad_backbone_arguments_and_loss_are_rejected():
     with pytest.raises(LayerSelError, match="unknown importance criteria"):
         compute_importance(backbone, inputs, MASK, loss_fn, weights={"fishr": 1.0})
     with pytest.raises(LayerSelError, match="loss_fn must return a scalar tensor"):
-        compute_importance(backbone, inputs, MASK, lambda last_states, rows: last_states.sum(-1))
+        compute_importance(backbone, inputs, MASK, lambda states, rows: states.sum(-1))
     assert backbone.config._attn_implementation == "sdpa"
 
 

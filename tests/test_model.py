@@ -7,6 +7,7 @@ from recbole.utils import init_seed
 from transformers import LlamaConfig, MistralConfig
 
 from recbole_layersel import model as model_module
+from recbole_layersel.all_positions import windowed
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.export import export_compact, load_compact
 from recbole_layersel.model import LayerSelLLM
@@ -15,7 +16,7 @@ from recbole_layersel.registry import LayerSelConfig
 from tests.conftest import write_atomic_dataset
 from tests.tiny_models import CONFIGS, DECODER, NUM_LAYERS, save_tiny_llm
 
-FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "gemma3_text", "gpt2", "bert"]
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma", "gemma3_text", "gpt2"]
 ITEM_COLUMNS = {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}
 
 
@@ -32,7 +33,8 @@ def build(tmp_path, argv):
             "data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "saved"),
             "llm_path": str(llm_dir), "llm_cache_dir": str(tmp_path / "cache"), "load_col": ITEM_COLUMNS,
             "title_field": "title", "layer_strategy": "uniform", "distill_steps": 0,
-            "num_layers": 3, "embedding_size": 8, "title_max_tokens": 6, "MAX_ITEM_LIST_LENGTH": 50,
+            "num_layers": 3, "embedding_size": 8, "head_inner_size": 16, "head_dropout": 0.1,
+            "title_max_tokens": 6, "MAX_ITEM_LIST_LENGTH": 50,
             "state_batch_size": 4, "train_batch_size": 16, "eval_batch_size": 16, "show_progress": False,
             **settings})
         loaders = data_preparation(config, create_dataset(config))
@@ -40,6 +42,14 @@ def build(tmp_path, argv):
         return LayerSelLLM(config, loaders[0]._dataset), loaders
 
     return build
+
+
+def read_the_states(model):
+    """Open the head's path from the LLM states, which starts closed (zero), so that scores depend on
+    the states as they do once trained."""
+    with torch.no_grad():
+        torch.nn.init.normal_(model.compact.state_projection[1].weight, std=0.5)
+    return model
 
 
 def first_eval_batch(loader):
@@ -64,7 +74,7 @@ def train_steps(model, loader, steps, lr=0.01):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_sort_predict_agrees_with_predict(build, family):
-    model, (_, _, test) = build(family, train_mode="lora" if family == "bert" else "frozen")
+    model, (_, _, test) = build(family)
     model.eval()
     interaction = first_eval_batch(test)
     with torch.no_grad():
@@ -105,16 +115,29 @@ def test_frozen_and_lora_modes_give_the_same_scores_for_the_same_weights(build, 
                                   atol=1e-5)
 
 
-def test_frozen_mode_refuses_a_bidirectional_encoder(build):
-    with pytest.raises(LayerSelError, match="bidirectional encoder .bert.*Use train_mode=lora"):
-        build("bert", train_mode="frozen")
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_a_bidirectional_encoder_is_refused(build, mode):
+    with pytest.raises(LayerSelError, match="bidirectional encoder .bert.*Use a causal model"):
+        build("bert", train_mode=mode)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
-def test_histories_longer_than_learned_positions_are_refused(build, family):
-    expected = f"MAX_ITEM_LIST_LENGTH=1000, but .*{family}.* at most 64 positions"
-    with pytest.raises(LayerSelError, match=expected):
-        build(family, train_mode="lora", MAX_ITEM_LIST_LENGTH=1000)
+def test_histories_longer_than_learned_positions_are_refused(build):
+    with pytest.raises(LayerSelError, match="MAX_ITEM_LIST_LENGTH=1000, but .*gpt2.* at most 64 positions"):
+        build("gpt2", MAX_ITEM_LIST_LENGTH=1000)
+
+
+def test_the_all_position_loss_is_the_mean_of_the_prefix_losses(build):
+    model, (train, _, _) = build("llama")  # every history fits one window of 50
+    read_the_states(model).before_training(train)
+    model.eval()  # no dropout: one pass over a window equals a pass over each of its prefixes
+    prefixes = train._dataset[torch.arange(len(train._dataset))]
+    windows = windowed(train, train.config)._dataset
+    with torch.no_grad():
+        window_loss = model.calculate_loss(windows[torch.arange(len(windows))])
+        prefix_scores = model.full_sort_predict(prefixes)
+    prefix_loss = torch.nn.functional.cross_entropy(prefix_scores, prefixes["item_id"])
+    assert len(windows) == len(prefixes["user_id"].unique()) < len(prefixes)
+    assert torch.allclose(window_loss, prefix_loss, atol=1e-5)
 
 
 def test_num_layers_all_keeps_every_layer_of_the_model(build):
@@ -129,10 +152,8 @@ def test_no_layer_at_all_is_the_text_only_baseline(build, mode):
     assert model.selected_layers == [] and len(model.compact.backbone.layers) == 0
     interaction = first_eval_batch(loaders[2])
     with torch.no_grad():
-        states = model.compact.last_states(interaction["item_id_list"], interaction["item_length"])
-        rows, lengths = torch.arange(len(interaction)), interaction["item_length"]
-        last_items = interaction["item_id_list"][rows, lengths - 1]
-        assert torch.allclose(states, model.compact.backbone.norm(model.compact.title_inputs[last_items]))
+        item_seq, _, states = model.sequence_states(interaction)
+        assert torch.allclose(states, model.compact.backbone.norm(model.compact.title_inputs[item_seq]))
     losses = train_steps(model, loaders[0], 30)
     assert sum(losses[-5:]) < sum(losses[:5])
 
@@ -153,6 +174,7 @@ def test_frozen_mode_runs_the_backbone_once_per_user(build):
 
 def test_frozen_states_follow_the_history_not_the_user_id(build):
     model, loaders = build("llama")
+    read_the_states(model)
     model.before_training(*loaders)
     model.eval()
     interaction = first_eval_batch(loaders[2])
@@ -209,6 +231,7 @@ def test_export_then_import_reproduces_the_scores_exactly(build, mode, tmp_path)
 
 def test_int8_quantises_the_kept_layers_and_still_trains(build, tmp_path):
     model, loaders = build("llama", quantize="int8", selected_layers=[0, 2, 5])
+    read_the_states(model)
     reference, _ = build("llama", selected_layers=[0, 2, 5])
     reference.compact.load_state_dict(model.compact.state_dict())
     model.before_training(*loaders)
@@ -247,6 +270,7 @@ def test_bad_quantize_settings_are_named(build, settings, message):
 
 def test_dropped_states_are_recomputed_by_the_backbone(build):
     model, loaders = build("llama")
+    read_the_states(model)
     model.before_training(*loaders)
     calls = []
     model.compact.backbone.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
@@ -303,7 +327,6 @@ def test_only_the_kept_layers_reach_the_gpu(build, dtype):
     ({"num_layers": NUM_LAYERS + 1}, r"num_layers=7 must be an integer in 0..6"),
     ({"layer_strategy": "best"}, "layer_strategy='best' is not a strategy"),
     ({"train_mode": "full"}, "train_mode='full'"),
-    ({"MAX_ITEM_LIST_LENGTH": 4}, "train_mode=frozen needs MAX_ITEM_LIST_LENGTH >= the longest user history"),
 ])
 def test_bad_settings_are_named(build, settings, message):
     with pytest.raises(LayerSelError, match=message):
@@ -340,7 +363,7 @@ def test_nan_loss_stops_with_the_batch_and_keeps_the_last_good_checkpoint(build)
     trainer.fit(train, valid, saved=True, show_progress=False)
     checkpoint_sha256 = sha256_file(trainer.saved_model_file)
     with torch.no_grad():
-        model.compact.user_head[1].weight.fill_(float("nan"))
+        model.compact.state_projection[1].weight.fill_(float("nan"))
     with pytest.raises(LayerSelError, match=r"training loss is nan on a batch of \d+ rows \(first users \["):
         trainer.fit(train, valid, saved=True, show_progress=False)
     assert sha256_file(trainer.saved_model_file) == checkpoint_sha256

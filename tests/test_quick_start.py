@@ -15,6 +15,7 @@ from recbole.model.sequential_recommender.sasrec import SASRec
 from recbole_layersel import quick_start, registry
 from recbole_layersel.compat import atomic_files_verbatim
 from recbole_layersel.errors import LayerSelError
+from recbole_layersel.model import LayerSelLLM
 from recbole_layersel.quick_start import check_dataset_files, inference_throughput, run_recbole
 from recbole_layersel.registry import LayerSelConfig
 from tests.conftest import REPO_ROOT, SHARED_DATA, write_atomic_dataset
@@ -171,3 +172,14 @@ def test_a_run_reports_its_layers_and_an_inference_throughput_that_runs_the_back
     result = tiny_llm_run(tmp_path, layer_strategy="uniform")
     assert result["selected_layers"] == [0, 2, 5] and result["inference_users_per_second"] > 0
     assert sum(calls) == result["test_users"]  # every test user's history went through the backbone
+
+
+def test_layersel_trains_on_one_window_per_user(tmp_path, argv, monkeypatch):
+    rows = []
+    original = LayerSelLLM.calculate_loss
+    monkeypatch.setattr(LayerSelLLM, "calculate_loss",
+                        lambda model, interaction: rows.extend(interaction["user_id"].tolist())
+                        or original(model, interaction))
+    result = tiny_llm_run(tmp_path, layer_strategy="uniform")
+    assert result["epochs_run"] == 1 and rows and sorted(rows) == sorted(set(rows))  # one window each
+
