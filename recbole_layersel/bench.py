@@ -149,8 +149,9 @@ def benchmark(llm_path: str, num_layers=DEFAULT_KS, *, batch_size: int = 64, seq
     targets = torch.randint(1, num_items + 1, (batch_size,), generator=generator).to(device)
 
     def train_step(model) -> None:
-        states = model.sequence_output(item_seq, model.backbone_states(item_seq))
-        all_position_loss(states, item_seq, item_seq_len, targets, model.item_vectors()).backward()
+        item_vectors = model.item_vectors()
+        states = model.sequence_output(item_seq, model.backbone_states(item_seq), item_vectors)
+        all_position_loss(states, item_seq, item_seq_len, targets, item_vectors).backward()
         model.zero_grad(set_to_none=True)
 
     step_times = _interleaved({name: model.train() for name, model in models.items()}, train_step, repeats,

@@ -112,28 +112,32 @@ class CompactRecommender(nn.Module):
         standardised = (self.title_prior - self.prior_mean) / self.prior_std
         return self.item_id_embedding.weight + self.text_projection(standardised)
 
-    def sequence_output(self, item_seq: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def sequence_output(self, item_seq: torch.Tensor, states: torch.Tensor,
+                        item_vectors: torch.Tensor) -> torch.Tensor:
         """User vectors (B, T, embedding_size) after each position of right-padded histories, from their
-        LLM ``states``; a padded position reads only the positions before it, so the others are exact."""
+        LLM ``states`` and the ``item_vectors()`` (computed once per step by the caller, who also scores
+        with them); a padded position reads only the positions before it, so the others are exact."""
         positions = torch.arange(item_seq.shape[1], device=item_seq.device)
-        inputs = self.item_vectors()[item_seq] + self.state_projection(states.float())
+        inputs = item_vectors[item_seq] + self.state_projection(states.float())
         inputs = self.input_dropout(self.input_norm(inputs + self.position_embedding(positions)))
         causal = nn.Transformer.generate_square_subsequent_mask(len(positions), device=item_seq.device)
         return self.encoder(inputs, mask=causal, is_causal=True)
 
-    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor,
-                states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, states: torch.Tensor | None = None,
+                item_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """User vectors (B, embedding_size) after each whole history; ``states`` are the backbone's
-        (B, T, H) when already computed (T >= the longest history)."""
+        (B, T, H) and ``item_vectors`` this step's ``item_vectors()``, when already computed."""
         length = int(item_seq_len.max())
         item_seq = item_seq[:, :length]
         states = self.backbone_states(item_seq) if states is None else states[:, :length]
-        output = self.sequence_output(item_seq, states)
+        item_vectors = self.item_vectors() if item_vectors is None else item_vectors
+        output = self.sequence_output(item_seq, states, item_vectors)
         return output[torch.arange(len(item_seq), device=item_seq.device), item_seq_len - 1]
 
     def full_sort_scores(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         """Scores (B, n_items) of every item after each history."""
-        return self(item_seq, item_seq_len) @ self.item_vectors().T
+        item_vectors = self.item_vectors()
+        return self(item_seq, item_seq_len, item_vectors=item_vectors) @ item_vectors.T
 
 
 def add_lora(backbone: CompactBackbone, r: int, alpha: int, dropout: float, targets=None) -> None:

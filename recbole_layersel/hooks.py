@@ -122,7 +122,8 @@ def _teacher_states(backbone, inputs, mask, batch_size: int, per_layer: bool) ->
 def head_scores(compact, sample: SequenceSample, states: torch.Tensor, rows=slice(None)) -> torch.Tensor:
     """Scores of every item after the histories of ``sample`` (or its ``rows``), read by the head from
     the backbone ``states`` (B, T, H) of those rows."""
-    return compact(sample.item_seq[rows], sample.lengths[rows], states) @ compact.item_vectors().T
+    item_vectors = compact.item_vectors()
+    return compact(sample.item_seq[rows], sample.lengths[rows], states, item_vectors) @ item_vectors.T
 
 
 def warm_up_heads(compact, states: torch.Tensor, sample: SequenceSample, steps: int, lr: float) -> None:

@@ -317,15 +317,18 @@ class LayerSelLLM(SequentialRecommender):
                 rows[i] = states
         return item_seq, item_seq_len, nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
-    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, states: torch.Tensor):
-        """User vectors (B, embedding_size) after each history, given its backbone ``states``."""
-        return self.compact(item_seq, item_seq_len, states)
+    def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor, states: torch.Tensor,
+                item_vectors: torch.Tensor) -> torch.Tensor:
+        """User vectors (B, embedding_size) after each history, given its backbone ``states`` and this
+        step's item vectors."""
+        return self.compact(item_seq, item_seq_len, states, item_vectors)
 
     def calculate_loss(self, interaction):
         """Cross-entropy over all items at every position of each window (``all_positions.py``)."""
         item_seq, item_seq_len, states = self.sequence_states(interaction)
-        loss = all_position_loss(self.compact.sequence_output(item_seq, states), item_seq, item_seq_len,
-                                 interaction[self.POS_ITEM_ID], self.compact.item_vectors())
+        item_vectors = self.compact.item_vectors()
+        loss = all_position_loss(self.compact.sequence_output(item_seq, states, item_vectors), item_seq,
+                                 item_seq_len, interaction[self.POS_ITEM_ID], item_vectors)
         if not torch.isfinite(loss):
             users = interaction[self.USER_ID][:10].tolist()
             raise LayerSelError(
@@ -336,11 +339,13 @@ class LayerSelLLM(SequentialRecommender):
         return loss
 
     def predict(self, interaction):
-        user_vectors = self.forward(*self.sequence_states(interaction))
-        return (user_vectors * self.compact.item_vectors()[interaction[self.ITEM_ID]]).sum(-1)
+        item_vectors = self.compact.item_vectors()
+        user_vectors = self.forward(*self.sequence_states(interaction), item_vectors)
+        return (user_vectors * item_vectors[interaction[self.ITEM_ID]]).sum(-1)
 
     def full_sort_predict(self, interaction):
-        return self.forward(*self.sequence_states(interaction)) @ self.compact.item_vectors().T
+        item_vectors = self.compact.item_vectors()
+        return self.forward(*self.sequence_states(interaction), item_vectors) @ item_vectors.T
 
 
 def _not_prefixes(histories: list[torch.Tensor]) -> list[torch.Tensor]:
