@@ -36,10 +36,16 @@ def tensors_sha256(tensors: dict) -> str:
 
 
 @cache
-def code_sha256() -> str:
-    """One hash of this package's source: a cached result is reused only by the code that computed it."""
+def code_sha256(modules: tuple[str, ...] = (), package: Path = Path(__file__).parent) -> str:
+    """One hash of the source of this package's ``modules`` (e.g. ``("titles", "llm")``), or of all of it:
+    a cached result is reused only by the code that computed it."""
+    paths = [package / f"{name}.py" for name in modules] or sorted(package.glob("*.py"))
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise LayerSelError(f"code_sha256: no module {', '.join(missing)} in {package}; name this "
+                            "package's modules without the .py, e.g. ('titles', 'llm').")
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 

@@ -46,7 +46,13 @@ from recbole_layersel.files import code_sha256
 from recbole_layersel.hooks import run_pretraining_hooks, seeded_backbone
 from recbole_layersel.llm import default_cache_dir, load_llm, resolve_llm
 from recbole_layersel.selection import DATA_FREE_STRATEGIES, check_strategy, select_layers
-from recbole_layersel.titles import TitleSettings, cached_title_embeddings, encode_titles, item_titles
+from recbole_layersel.titles import (
+    TITLE_CODE,
+    TitleSettings,
+    cached_title_embeddings,
+    encode_titles,
+    item_titles,
+)
 
 logger = logging.getLogger(__name__)
 TRAIN_MODES = ("frozen", "lora")
@@ -126,8 +132,9 @@ class LayerSelLLM(SequentialRecommender):
         self._check_backbone_fits(llm.config, config["llm_path"])
         titles = item_titles(dataset, config["title_field"])
         settings = TitleSettings.from_config(config)
-        key = {"llm": llm_fingerprint(llm_path), "dataset": config["dataset"], "code": code_sha256(),
-               **asdict(settings), "titles_sha256": hashlib.sha256("\n".join(titles).encode()).hexdigest()}
+        key = {"llm": llm_fingerprint(llm_path), "dataset": config["dataset"],
+               "code": code_sha256(TITLE_CODE), **asdict(settings),
+               "titles_sha256": hashlib.sha256("\n".join(titles).encode()).hexdigest()}
         encoded = cached_title_embeddings(cache_dir, key, partial(
             _encode_titles_on, device, llm, tokenizer, titles, settings,
             batch_size=config["title_batch_size"], show_progress=config["show_progress"]))

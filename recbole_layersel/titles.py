@@ -23,6 +23,9 @@ from recbole_layersel.files import StageCache, StageSettings
 
 logger = logging.getLogger(__name__)
 POOLINGS = ("mean", "last")
+# The modules whose code computes title embeddings (loading the LLM, encoding, sharing batches over
+# processes, the cache): the cache key hashes them, so a change elsewhere keeps the (costly) cache.
+TITLE_CODE = ("titles", "llm", "distributed", "files")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from recbole_layersel.errors import LayerSelError
-from recbole_layersel.files import StageCache, replaced_on_success, write_atomic, write_folder
+from recbole_layersel.files import StageCache, code_sha256, replaced_on_success, write_atomic, write_folder
 
 
 def test_write_atomic_replaces_the_file_and_leaves_no_partial(tmp_path):
@@ -75,3 +75,17 @@ def test_write_folder_fills_an_empty_folder(tmp_path):
     folder.mkdir()
     write_folder(folder, lambda staging: (staging / "ours.json").write_text("1"), "ours.json")
     assert [p.name for p in folder.iterdir()] == ["ours.json"]
+
+
+def test_a_code_hash_changes_with_the_modules_it_names_only(tmp_path):
+    hashes = code_sha256.__wrapped__  # the process's cache assumes its code does not change; this test's does
+    (tmp_path / "titles.py").write_text("A = 1\n")
+    (tmp_path / "model.py").write_text("B = 1\n")
+    titles, everything = hashes(("titles",), tmp_path), hashes(package=tmp_path)
+    (tmp_path / "model.py").write_text("B = 2\n")
+    assert hashes(("titles",), tmp_path) == titles
+    assert hashes(package=tmp_path) != everything
+    (tmp_path / "titles.py").write_text("A = 2\n")
+    assert hashes(("titles",), tmp_path) != titles
+    with pytest.raises(LayerSelError, match="no module llm.py"):
+        hashes(("titles", "llm"), tmp_path)
