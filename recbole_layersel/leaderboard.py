@@ -33,8 +33,10 @@ import io
 import json
 import math
 import multiprocessing
+import os
 import re
 import sys
+import threading
 import traceback
 from pathlib import Path
 from queue import Empty
@@ -112,9 +114,18 @@ def paired_p_value(values: dict[int, float], reference: dict[int, float]) -> flo
     return float(stats.ttest_rel([values[s] for s in seeds], [reference[s] for s in seeds]).pvalue)
 
 
+def exit_with_parent() -> None:
+    """End this process when the process that started it ends, however it ended: a leaderboard killed
+    mid-run must not leave its run training on (and writing the run's resume file) without it."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+
+
 def _run_one(model: str, dataset: str, config_dict: dict, queue) -> None:
     from recbole_layersel.quick_start import run_recbole
 
+    exit_with_parent()
     sys.argv = sys.argv[:1]  # RecBole's Config reads the command line; this run's settings are in the dict
     try:
         result = run_recbole(model, dataset, config_dict=config_dict)

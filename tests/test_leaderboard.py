@@ -2,6 +2,11 @@
 
 import json
 import math
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 from scipy import stats
@@ -213,3 +218,49 @@ def test_runs_of_different_protocols_never_share_a_table(tmp_path, capsys):
 def test_an_epoch_cap_is_marked():
     capped = {"epochs_run": 5, "best_epoch": 4, "stopped_by": "epoch cap"}
     assert leaderboard._epochs(capped) == "5 (4) cap" and leaderboard._epochs({}) == "–"
+
+
+def _run_until_killed() -> None:
+    leaderboard.exit_with_parent()
+    time.sleep(600)
+
+
+def _leaderboard_with_a_run(queue) -> None:
+    run = multiprocessing.get_context("spawn").Process(target=_run_until_killed)
+    run.start()
+    queue.put(run.pid)
+    time.sleep(600)
+
+
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_a_run_ends_when_its_leaderboard_is_killed():
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    board = context.Process(target=_leaderboard_with_a_run, args=(queue,))
+    board.start()
+    run_pid = queue.get(timeout=60)
+    time.sleep(1)  # the run's watch on its parent has started
+    assert _running(run_pid)
+    os.kill(board.pid, signal.SIGKILL)  # no cleanup of its own: as when a session ends
+    board.join()
+    deadline = time.monotonic() + 30
+    while _running(run_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _running(run_pid)
+    if alive:
+        os.kill(run_pid, signal.SIGKILL)
+    assert not alive
+
+
+def test_every_run_watches_its_leaderboard(monkeypatch):
+    def watched():
+        raise RuntimeError("watching the parent")
+
+    monkeypatch.setattr(leaderboard, "exit_with_parent", watched)
+    with pytest.raises(RuntimeError, match="watching the parent"):
+        leaderboard._run_one("Pop", "ml-100k", {}, queue=None)
