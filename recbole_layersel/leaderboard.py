@@ -126,6 +126,7 @@ def _run_one(model: str, dataset: str, config_dict: dict, queue) -> None:
     from recbole_layersel.quick_start import run_recbole
 
     exit_with_parent()
+    sources = package_sources()  # before the run: a file edited while it trains is not what it ran
     sys.argv = sys.argv[:1]  # RecBole's Config reads the command line; this run's settings are in the dict
     try:
         result = run_recbole(model, dataset, config_dict=config_dict)
@@ -138,15 +139,19 @@ def _run_one(model: str, dataset: str, config_dict: dict, queue) -> None:
     except Exception as error:  # reported in the table as a failed run, with its message
         record = {"status": "failed", "error": f"{type(error).__name__}: {error}",
                   "traceback": traceback.format_exc()}
-    queue.put({**record, "code": loaded_code()})
+    queue.put({**record, "code": loaded_code(sources)})
 
 
-def loaded_code() -> dict[str, str]:
-    """The sha256 of each of this package's modules that this process loaded (the run's code), the
-    leaderboard itself aside."""
-    return {name: sha256_file(module.__file__) for name, module in sorted(sys.modules.items())
-            if name.startswith("recbole_layersel.") and name != __name__
-            and getattr(module, "__file__", None)}
+def package_sources() -> dict[str, str]:
+    """The sha256 of each module file of this package, as it is now."""
+    return {f"recbole_layersel.{path.stem}": sha256_file(path) for path in Path(__file__).parent.glob("*.py")}
+
+
+def loaded_code(sources: dict[str, str]) -> dict[str, str]:
+    """The run's code: of ``sources`` (``package_sources()`` when it started), the modules this process
+    loaded, the leaderboard itself aside."""
+    return {name: sources[name] for name, module in sorted(sys.modules.items())
+            if name in sources and name != __name__ and getattr(module, "__file__", None)}
 
 
 def resolved_config(model: str, dataset: str, config_dict: dict) -> dict:

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from scipy import stats
@@ -186,7 +187,7 @@ def test_failed_runs_are_retried_when_asked(tiny, tmp_path, monkeypatch):
 
 
 def test_the_run_records_the_code_it_loaded():
-    code = leaderboard.loaded_code()
+    code = leaderboard.loaded_code(leaderboard.package_sources())
     assert "recbole_layersel.files" in code and "recbole_layersel.leaderboard" not in code
     assert code["recbole_layersel.files"] == leaderboard._module_sha256("recbole_layersel.files")
 
@@ -264,3 +265,16 @@ def test_every_run_watches_its_leaderboard(monkeypatch):
     monkeypatch.setattr(leaderboard, "exit_with_parent", watched)
     with pytest.raises(RuntimeError, match="watching the parent"):
         leaderboard._run_one("Pop", "ml-100k", {}, queue=None)
+
+
+def test_the_code_recorded_is_the_code_the_run_started_with(monkeypatch):
+    """A module edited while a run trains (a session goes on working) is not what the run ran."""
+    from recbole_layersel import quick_start
+
+    edited = []
+    monkeypatch.setattr(leaderboard, "sha256_file", lambda path: "after" if edited else "before")
+    monkeypatch.setattr(quick_start, "run_recbole", lambda *a, **k: edited.append(True) or {})
+    records = []
+    monkeypatch.setattr(leaderboard, "exit_with_parent", lambda: None)
+    leaderboard._run_one("Pop", "ml-100k", {"hooks_only": True}, queue=SimpleNamespace(put=records.append))
+    assert edited and records[0]["code"]["recbole_layersel.files"] == "before"
