@@ -63,9 +63,7 @@ def encode_titles(llm, tokenizer, titles: list[str], settings: TitleSettings, *,
     if layer is not None and not (isinstance(layer, int) and 0 <= layer <= num_layers):
         raise LayerSelError(f"title_layer={layer!r}; use ~ (the last hidden states) or a layer in "
                             f"0..{num_layers} (0 = token embeddings, i = the output of layer i).")
-    if tokenizer.pad_token is None:  # GPT-2 style tokenizers have no pad token; padding is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    pad_right(tokenizer)
     embed_tokens = llm.get_input_embeddings()
     device = embed_tokens.weight.device
     # Under a process group each process encodes its share of the batches (distributed.py).
@@ -74,22 +72,32 @@ def encode_titles(llm, tokenizer, titles: list[str], settings: TitleSettings, *,
                             disable=not show_progress):
         batch = tokenizer(titles[start:stop], padding=True, truncation=True,
                           max_length=settings.title_max_tokens, return_tensors="pt").to(device)
-        mask = batch["attention_mask"].unsqueeze(-1).to(embed_tokens.weight.dtype)
-        counts = mask.sum(1).clamp(min=1)
-        token_inputs = embed_tokens(batch["input_ids"]) * mask
-        encoded["inputs"][start:stop] = (token_inputs.sum(1) / counts).float().cpu()
+        token_inputs = embed_tokens(batch["input_ids"])
+        encoded["inputs"][start:stop] = pool(token_inputs, batch["attention_mask"], "mean").float().cpu()
         outputs = llm(**batch, output_hidden_states=layer is not None)
         hidden = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
-        if pooling == "mean":
-            pooled = (hidden * mask).sum(1) / counts
-        else:
-            last = (batch["attention_mask"].sum(1) - 1).clamp(min=0)
-            pooled = hidden[torch.arange(hidden.shape[0], device=device), last]
-        encoded["prior"][start:stop] = pooled.float().cpu()
+        encoded["prior"][start:stop] = pool(hidden, batch["attention_mask"], pooling).float().cpu()
     encoded = {name: all_reduce_sum(tensor) for name, tensor in encoded.items()}
     for name in encoded:  # RecBole's padding item 0 has no title
         encoded[name][0] = 0
     return encoded
+
+
+def pad_right(tokenizer) -> None:
+    """Pad titles on the right; GPT-2 style tokenizers have no pad token (padding is masked anyway)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Hidden states (B, T, H) of right-padded titles pooled to (B, H): the mean over their tokens, or
+    the last token's."""
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    last = (attention_mask.sum(1) - 1).clamp(min=0)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def cached_title_embeddings(cache_dir: Path, key: dict, compute) -> dict[str, torch.Tensor]:
