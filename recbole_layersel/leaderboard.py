@@ -154,16 +154,29 @@ def loaded_code(sources: dict[str, str]) -> dict[str, str]:
             if name in sources and name != __name__ and getattr(module, "__file__", None)}
 
 
-def resolved_config(model: str, dataset: str, config_dict: dict) -> dict:
-    """RecBole's final config of a run (yaml defaults, dataset config and ``config_dict`` merged), as
-    JSON, without the keys that say where a run happens (``ENVIRONMENT_KEYS``)."""
+def recbole_config(model: str, dataset: str, config_dict: dict):
+    """RecBole's config of ``model`` on ``dataset`` with ``config_dict``, our command line kept out of it."""
     from recbole_layersel.registry import LayerSelConfig
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # RecBole's Config reads the command line; ours is not for it
     try:
-        config = LayerSelConfig(model, dataset, config_dict=config_dict)
+        return LayerSelConfig(model, dataset, config_dict=config_dict)
     finally:
         sys.argv = argv
+
+
+def parse_value(text: str):
+    """A --set value: JSON when it parses (numbers, booleans, lists, dicts), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def resolved_config(model: str, dataset: str, config_dict: dict) -> dict:
+    """RecBole's final config of a run (yaml defaults, dataset config and ``config_dict`` merged), as
+    JSON, without the keys that say where a run happens (``ENVIRONMENT_KEYS``)."""
+    config = recbole_config(model, dataset, config_dict)
     final = json.loads(json.dumps(config.final_config_dict, default=str))
     return {key: value for key, value in sorted(final.items()) if key not in ENVIRONMENT_KEYS}
 
@@ -468,10 +481,7 @@ def main(argv=None) -> int:
     extra = {name: {} for name in args.entries}
     for item in args.set:
         key, _, value = item.partition("=")
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
+        value = parse_value(value)
         entry, _, entry_key = key.rpartition(".")
         for name in [entry] if entry else args.entries:
             if name not in extra:

@@ -16,7 +16,6 @@ Writes ``<out>/<dataset>.json`` and ``.png`` (NDCG@10 per layer, one line per po
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from recbole_layersel.files import save_figure, write_atomic
+from recbole_layersel.leaderboard import parse_value, recbole_config
 from recbole_layersel.titles import POOLINGS, item_titles, pad_right, pool
 
 LAST = "~"  # title_layer ~: the model's last hidden states, after the final norm
@@ -75,13 +75,8 @@ def screen(model: str, dataset: str, config_dict: dict) -> dict:
 
     from recbole_layersel.compat import atomic_files_verbatim
     from recbole_layersel.llm import default_cache_dir, load_llm
-    from recbole_layersel.registry import LayerSelConfig
 
-    argv, sys.argv = sys.argv, sys.argv[:1]  # RecBole's Config reads the command line; ours is not for it
-    try:
-        config = LayerSelConfig(model, dataset, config_dict=config_dict)
-    finally:
-        sys.argv = argv
+    config = recbole_config(model, dataset, config_dict)
     with atomic_files_verbatim():
         data = create_dataset(config)
     _, valid, _ = data_preparation(config, data)
@@ -113,13 +108,6 @@ def plot(result: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)  # numbers, booleans, lists; anything else stays a string
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True)
@@ -127,7 +115,7 @@ def main(argv=None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. llm_path=gemma3-270m title_max_tokens=16")
     args = parser.parse_args(argv)
-    overrides = {key: _value(value) for key, _, value in (item.partition("=") for item in args.set)}
+    overrides = {key: parse_value(value) for key, _, value in (item.partition("=") for item in args.set)}
     result = screen("LayerSelLLM", args.dataset, overrides)
     write_atomic(args.out / f"{args.dataset}.json", json.dumps(result, indent=1))
     plot(result, args.out / f"{args.dataset}.png")
