@@ -3,7 +3,7 @@
 Pure torch (no RecBole): a user's history (item ids, right-padded, oldest first) becomes next-item scores.
 
 - **Items** are tied vectors ``e_j = ID embedding + W z_j``: a trainable collaborative part and the item's
-  text prior ``t_j``, the LLM's pooled representation of its title (``titles.py``, fixed), standardised
+  text prior ``t_j``, the kept layers' pooled states over its title (``titles.py``, fixed), standardised
   over the items (``z_j``: LLM embeddings share a large common direction, which hides what tells titles
   apart). The sequence reads these vectors and scoring uses the same ones, as in SASRec.
 - **LLM states**: the compact backbone (k kept layers, ``backbone.py``) runs on the history's title input
@@ -82,10 +82,7 @@ class CompactRecommender(nn.Module):
         self.backbone, self.head_config = backbone, head
         size, num_items = head.embedding_size, title_inputs.shape[0]
         self.register_buffer("title_inputs", title_inputs.to(backbone.dtype))
-        self.register_buffer("title_prior", title_prior.float())
-        items = self.title_prior[1:]  # row 0 is the padding item
-        self.register_buffer("prior_mean", items.mean(0), persistent=False)
-        self.register_buffer("prior_std", items.std(0).clamp(min=1e-6), persistent=False)
+        self.set_title_prior(title_prior)
         self.item_id_embedding = nn.Embedding(num_items, size, padding_idx=0)
         self.text_projection = nn.Linear(title_prior.shape[1], size)
         self.state_projection = nn.Sequential(nn.LayerNorm(backbone.config.hidden_size),
@@ -102,6 +99,14 @@ class CompactRecommender(nn.Module):
             self.item_id_embedding.weight[0] = 0
             self.text_projection.weight.zero_()
             self.state_projection[1].weight.zero_()
+
+    def set_title_prior(self, title_prior: torch.Tensor) -> None:
+        """Use ``title_prior`` (n_items, H) as the items' text prior (the kept layers' encoding of the
+        titles, which changes when the layers are chosen), standardised over the items."""
+        self.register_buffer("title_prior", title_prior.float().to(self.title_inputs.device))
+        items = self.title_prior[1:]  # row 0 is the padding item
+        self.register_buffer("prior_mean", items.mean(0), persistent=False)
+        self.register_buffer("prior_std", items.std(0).clamp(min=1e-6), persistent=False)
 
     def backbone_states(self, item_seq: torch.Tensor) -> torch.Tensor:
         """LLM states (B, T, H) of right-padded histories."""

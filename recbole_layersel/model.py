@@ -5,8 +5,9 @@ LayerSelLLM
 A sequential recommender whose sequence model is a compact transformer made of k selected layers of
 a pretrained LLM (e.g. 8 of SmolLM2's 30), joined by bridge adapters where kept layers are not adjacent,
 under a trainable SASRec head (``compact.py``): item vectors are a learnt ID embedding plus the item's
-title representation (encoded once by the full LLM, ``titles.py``); the head reads them with the
-kept layers' states of the history and scores every item against the same item vectors.
+title representation (its title's tokens through the kept layers, encoded once, ``titles.py``); the
+head reads them with the kept layers' states of the history and scores every item against the same item
+vectors. The layers kept are thus both the item encoder and the sequence backbone.
 
 Training follows SASRec's paper: one causal pass per window of ``MAX_ITEM_LIST_LENGTH`` items, cross-entropy
 over all items at every position (``all_positions.py``), so every training target RecBole's prefix rows
@@ -49,6 +50,7 @@ from recbole_layersel.selection import DATA_FREE_STRATEGIES, check_strategy, sel
 from recbole_layersel.titles import (
     TITLE_CODE,
     TitleSettings,
+    backbone_fingerprint,
     cached_title_embeddings,
     encode_titles,
     item_titles,
@@ -86,10 +88,6 @@ def _on_device(llm, device):
     return llm if getattr(llm, "is_quantized", False) else llm.to(device)
 
 
-def _encode_titles_on(device, llm, *args, **kwargs) -> dict[str, torch.Tensor]:
-    return encode_titles(_on_device(llm, device), *args, **kwargs)
-
-
 def llm_fingerprint(path: Path) -> dict:
     """What identifies a local model's weights for caches: its path and each file's size and mtime."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
@@ -125,24 +123,16 @@ class LayerSelLLM(SequentialRecommender):
         llm_path = resolve_llm(config["llm_path"], cache_dir)
         device = config["device"]
         # Loaded on the CPU (bitsandbytes loads straight onto the GPU). The whole model goes to the
-        # device only to encode titles that are not cached yet, or for the hooks: otherwise just the
-        # kept layers do (CompactRecommender below) and the others are never materialised there.
+        # device only for the hooks: otherwise just the token embeddings (to encode titles) and the
+        # kept layers do, and the others are never materialised there.
         llm, tokenizer = load_llm(str(llm_path), dtype=DTYPES[config["llm_dtype"]],
                                   quantization=config["llm_quantization"], device=device)
         self._check_backbone_fits(llm.config, config["llm_path"])
-        titles = item_titles(dataset, config["title_field"])
-        settings = TitleSettings.from_config(config)
-        key = {"llm": llm_fingerprint(llm_path), "dataset": config["dataset"],
-               "code": code_sha256(TITLE_CODE), **asdict(settings),
-               "titles_sha256": hashlib.sha256("\n".join(titles).encode()).hexdigest()}
-        encoded = cached_title_embeddings(cache_dir, key, partial(
-            _encode_titles_on, device, llm, tokenizer, titles, settings,
-            batch_size=config["title_batch_size"], show_progress=config["show_progress"]))
-
         self.config, self.cache_dir, self.llm_path = config, cache_dir, config["llm_path"]
-        self.llm_fingerprint, self.titles_sha256 = key["llm"], key["titles_sha256"]
+        self.llm_fingerprint = llm_fingerprint(llm_path)
         self.item_tokens = dataset.field2id_token[self.ITEM_ID].tolist()  # internal id -> dataset item id
-        self.item_title_texts = titles
+        self.item_title_texts = item_titles(dataset, config["title_field"])
+        self.titles_sha256 = hashlib.sha256("\n".join(self.item_title_texts).encode()).hexdigest()
         # Popularity (training targets per item) answers users with no history; histories are filled
         # by `before_training` from the loaders, so an export can recommend for a dataset's user id.
         self.item_counts = torch.bincount(dataset.inter_feat[self.ITEM_ID], minlength=self.n_items).tolist()
@@ -160,14 +150,18 @@ class LayerSelLLM(SequentialRecommender):
         if hooks_needed:
             # Importance, selection and distillation read the full model: keep every layer (and the
             # source model, outside the module tree) until `before_training` has chosen.
+            # Until then the item vectors read the prior of no layer (token embeddings), which costs
+            # no pass of the full model over every title.
             llm = _on_device(llm, device)
             backbone = CompactBackbone(llm, list(range(num_source_layers))).requires_grad_(False)
-            self._source_llm = (llm,)
+            encoded = self._encode_titles(CompactBackbone(llm, []), llm.get_input_embeddings(), tokenizer)
+            self._source_llm = (llm, tokenizer)
         else:
             backbone = seeded_backbone(llm, select_layers(
                 num_source_layers, selected_layers=explicit, strategy=config["layer_strategy"],
                 num_layers=config["num_layers"], seed=config["seed"]), config["seed"], config["mlp_bridges"],
-                config["bridge_rank"])
+                config["bridge_rank"]).to(device)
+            encoded = self._encode_titles(backbone, llm.get_input_embeddings().to(device), tokenizer)
             self._source_llm = ()
         del llm  # without hooks, the unselected layers, token embeddings and any head are freed here
         self.compact = CompactRecommender(backbone, encoded["inputs"], encoded["prior"],
@@ -194,6 +188,17 @@ class LayerSelLLM(SequentialRecommender):
                 f"Set MAX_ITEM_LIST_LENGTH to at most {limit}, or use a model with rotary positions "
                 "(Llama, Qwen, Gemma)."
             )
+
+    def _encode_titles(self, backbone: CompactBackbone, embed_tokens: nn.Embedding,
+                       tokenizer) -> dict[str, torch.Tensor]:
+        """The titles' inputs and their prior through ``backbone`` (``titles.py``), from the cache when
+        this model, backbone, dataset and title settings encoded them before."""
+        settings = TitleSettings.from_config(self.config)
+        key = {"llm": self.llm_fingerprint, **backbone_fingerprint(backbone), "code": code_sha256(TITLE_CODE),
+               "dataset": self.config["dataset"], "titles_sha256": self.titles_sha256, **asdict(settings)}
+        return cached_title_embeddings(self.cache_dir, key, partial(
+            encode_titles, backbone, embed_tokens, tokenizer, self.item_title_texts, settings,
+            batch_size=self.config["title_batch_size"], show_progress=self.config["show_progress"]))
 
     def export_beside_checkpoint(self, checkpoint_file: str) -> None:
         """RecBole's checkpoints are pickles; this writes the same weights beside one as a pickle-free
@@ -227,8 +232,11 @@ class LayerSelLLM(SequentialRecommender):
         # Under DDP the heads were initialised with a different seed in every process: take rank 0's.
         broadcast_parameters(self.compact, skip_prefix="backbone.")
         if self._source_llm:
-            (llm,) = self._source_llm
-            self.compact.backbone = run_pretraining_hooks(self, llm, train_data, valid_data).to(self.device)
+            llm, tokenizer = self._source_llm
+            backbone = run_pretraining_hooks(self, llm, train_data, valid_data).to(self.device)
+            self.compact.backbone = backbone
+            encoded = self._encode_titles(backbone, llm.get_input_embeddings(), tokenizer)
+            self.compact.set_title_prior(encoded["prior"])
             self._source_llm = ()  # frees the source model and every unselected layer
             self._prepare_backbone_for_training()
             total = self.compact.backbone.num_source_layers

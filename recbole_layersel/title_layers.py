@@ -1,13 +1,15 @@
-"""Which hidden states make the best text prior (``title_layer``, ``title_pooling``): a screen, no training.
+"""Which layers of the full LLM make the best text prior: a screen of every hidden state, no training.
 
     python -m recbole_layersel.title_layers --dataset amazon-electronics [--set llm_path=gemma3-270m]
 
-Every title is encoded once, keeping every layer's hidden states (0 = the token embeddings, i = layer i's
-output, ``~`` = the last ones, after the final norm), pooled both ways (mean over the title's tokens, last
-token). Each candidate is standardised over the items as ``compact.py`` does, then drives a content-only
-recommender on the validation split: a user's vector is the mean of their history's unit item vectors,
-items are ranked by cosine to it (the history left out, as the protocol does), and the score is NDCG@10
-of the validation item. The test split plays no part in the choice.
+The model's text prior is its kept layers' final states over each title (``titles.py``); keeping the
+first i layers gives the full model's layer-i states (then the final norm). This screen encodes every
+title once, keeping every layer's hidden states (0 = the token embeddings, i = layer i's output, ``~`` =
+the last ones, after the final norm), pooled both ways (mean over the title's tokens, last token). Each
+candidate is standardised over the items as ``compact.py`` does, then drives a content-only recommender
+on the validation split: a user's vector is the mean of their history's unit item vectors, items are
+ranked by cosine to it (the history left out, as the protocol does), and the score is NDCG@10 of the
+validation item. The test split plays no part in the choice.
 
 It ranks candidates; it does not replace training: the model reads the prior through a learnt
 projection, not by cosine, so the leaderboard trains the best candidate against the default.
@@ -27,7 +29,7 @@ from recbole_layersel.files import save_figure, write_atomic
 from recbole_layersel.leaderboard import parse_value, recbole_config
 from recbole_layersel.titles import POOLINGS, item_titles, pad_right, pool
 
-LAST = "~"  # title_layer ~: the model's last hidden states, after the final norm
+LAST = "~"  # the model's last hidden states, after the final norm
 
 
 @torch.no_grad()
@@ -86,7 +88,7 @@ def screen(model: str, dataset: str, config_dict: dict) -> dict:
                                  config["show_progress"])
     rows = valid._dataset.inter_feat
     item_seq, targets = rows[data.iid_field + config["LIST_SUFFIX"]], rows[data.iid_field]
-    scores = [{"title_layer": layer, "title_pooling": pooling,
+    scores = [{"layer": layer, "title_pooling": pooling,
                "ndcg@10": content_ndcg_at_10(vectors, item_seq, targets)}
               for (layer, pooling), vectors in encoded.items()]
     return {"dataset": dataset, "llm_path": config["llm_path"],
@@ -99,8 +101,8 @@ def plot(result: dict, path: Path) -> None:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for pooling in POOLINGS:
-        rows = sorted((int(r["title_layer"]), r["ndcg@10"]) for r in result["scores"]
-                      if r["title_pooling"] == pooling and r["title_layer"] != LAST)
+        rows = sorted((int(r["layer"]), r["ndcg@10"]) for r in result["scores"]
+                      if r["title_pooling"] == pooling and r["layer"] != LAST)
         axes.plot(*zip(*rows, strict=True), marker=".", label=f"{pooling} pooling")
     axes.set(xlabel="hidden states of layer (0 = token embeddings)", ylabel="content-only NDCG@10 (valid)",
              title=f"Title prior by layer: {result['llm_path']} on {result['dataset']}")
@@ -120,7 +122,7 @@ def main(argv=None) -> None:
     write_atomic(args.out / f"{args.dataset}.json", json.dumps(result, indent=1))
     plot(result, args.out / f"{args.dataset}.png")
     for row in result["scores"][:8]:
-        print(f"title_layer {row['title_layer']:>2}  title_pooling {row['title_pooling']:<4}  "
+        print(f"layer {row['layer']:>2}  title_pooling {row['title_pooling']:<4}  "
               f"NDCG@10 {row['ndcg@10']:.4f}")
 
 

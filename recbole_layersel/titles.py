@@ -1,15 +1,18 @@
-"""Item titles -> text embeddings, computed once by the full LLM and cached on disk.
+"""Item titles -> text embeddings, computed by the compact backbone and cached on disk.
 
 Two vectors per item, both of the LLM's hidden size:
 - ``inputs``: the mean of the title's input token embeddings. It lives where a transformer's first layer
   expects its inputs, so a user's history becomes a sequence of ``inputs_embeds`` for the backbone.
-- ``prior``: the LLM's hidden states pooled over the title (``mean`` or ``last`` token), the item's
-  text prior, which its trainable vector starts from. ``layer`` picks the hidden states: ``None`` for the
-  last (after the final norm), i for the output of layer i (0 = the token embeddings): a middle layer is
-  often a better text embedding than the last, which is shaped to predict the next token.
+- ``prior``: the item's text prior, which its trainable vector starts from: the backbone's final states
+  (its kept layers, bridges and final norm) over the title's tokens, pooled (``mean`` or ``last`` token).
+  The layers kept are the layers that encode the items, so which ones are kept shows in the prior: a few
+  early layers make a better title embedding than all of them, whose last states are shaped to predict
+  the next token (``title_layers.py`` screens the full model's layers). With no layer kept the prior is
+  the title's token embeddings through the final norm.
 Row 0 is RecBole's padding item and stays zero.
 """
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +26,16 @@ from recbole_layersel.files import StageCache, StageSettings
 
 logger = logging.getLogger(__name__)
 POOLINGS = ("mean", "last")
-# The modules whose code computes title embeddings (loading the LLM, encoding, sharing batches over
-# processes, the cache): the cache key hashes them, so a change elsewhere keeps the (costly) cache.
-TITLE_CODE = ("titles", "llm", "distributed", "files")
+# The modules whose code computes title embeddings (loading the LLM, running the kept layers, encoding,
+# sharing batches over processes, the cache): the cache key hashes them, so a change elsewhere keeps the
+# (costly) cache.
+TITLE_CODE = ("titles", "llm", "backbone", "distributed", "files")
 
 
 @dataclass(frozen=True)
 class TitleSettings(StageSettings):
     title_max_tokens: int
     title_pooling: str
-    title_layer: int | None
     llm_dtype: str
     llm_quantization: str | None
 
@@ -51,21 +54,28 @@ def item_titles(dataset, title_field: str) -> list[str]:
     return titles
 
 
+def backbone_fingerprint(backbone) -> dict:
+    """What identifies a compact backbone's computation for caches, given the source model: its kept
+    layers and the hash of its bridges' weights (identity ones have none; distilled ones differ)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.bridges.state_dict().items()):
+        digest.update(name.encode() + b"\0" + tensor.detach().float().cpu().numpy().tobytes())
+    return {"layers": list(backbone.selected_layers), "num_source_layers": backbone.num_source_layers,
+            "bridges_sha256": digest.hexdigest()}
+
+
 @torch.no_grad()
-def encode_titles(llm, tokenizer, titles: list[str], settings: TitleSettings, *, batch_size: int,
-                  show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """``{"inputs": (n, H), "prior": (n, H)}`` for ``titles`` (see the module docstring); ``llm`` was
-    loaded with the settings' dtype and quantization."""
-    pooling, layer = settings.title_pooling, settings.title_layer
+def encode_titles(backbone, embed_tokens, tokenizer, titles: list[str], settings: TitleSettings, *,
+                  batch_size: int, show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """``{"inputs": (n, H), "prior": (n, H)}`` for ``titles`` (see the module docstring): ``embed_tokens``
+    is the LLM's input embedding, ``backbone`` a ``CompactBackbone`` on the same device."""
+    pooling = settings.title_pooling
     if pooling not in POOLINGS:
         raise LayerSelError(f"title_pooling={pooling!r} is not supported; use one of {POOLINGS}.")
-    num_layers = llm.config.get_text_config().num_hidden_layers
-    if layer is not None and not (isinstance(layer, int) and 0 <= layer <= num_layers):
-        raise LayerSelError(f"title_layer={layer!r}; use ~ (the last hidden states) or a layer in "
-                            f"0..{num_layers} (0 = token embeddings, i = the output of layer i).")
     pad_right(tokenizer)
-    embed_tokens = llm.get_input_embeddings()
     device = embed_tokens.weight.device
+    was_training = backbone.training
+    backbone.eval()
     # Under a process group each process encodes its share of the batches (distributed.py).
     encoded = {name: torch.zeros(len(titles), embed_tokens.weight.shape[1]) for name in ("inputs", "prior")}
     for start, stop in tqdm(my_batches(len(titles), batch_size), desc="encode titles", unit="batch",
@@ -74,9 +84,9 @@ def encode_titles(llm, tokenizer, titles: list[str], settings: TitleSettings, *,
                           max_length=settings.title_max_tokens, return_tensors="pt").to(device)
         token_inputs = embed_tokens(batch["input_ids"])
         encoded["inputs"][start:stop] = pool(token_inputs, batch["attention_mask"], "mean").float().cpu()
-        outputs = llm(**batch, output_hidden_states=layer is not None)
-        hidden = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+        hidden = backbone(token_inputs.to(backbone.dtype), attention_mask=batch["attention_mask"])
         encoded["prior"][start:stop] = pool(hidden, batch["attention_mask"], pooling).float().cpu()
+    backbone.train(was_training)
     encoded = {name: all_reduce_sum(tensor) for name, tensor in encoded.items()}
     for name in encoded:  # RecBole's padding item 0 has no title
         encoded[name][0] = 0
@@ -102,7 +112,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 def cached_title_embeddings(cache_dir: Path, key: dict, compute) -> dict[str, torch.Tensor]:
     """``compute()``'s result, kept in the stage cache under ``cache_dir`` and reused while the key
-    (model, dataset, titles, code and the fields of `TitleSettings`) is unchanged."""
+    (model, kept layers and bridges, dataset, titles, code and the fields of
+    `TitleSettings`) is unchanged."""
     cache = StageCache(cache_dir)
     cached = from_main(lambda: cache.load_tensors("title_embeddings", key))  # all agree on a hit
     if cached is not None:

@@ -64,7 +64,7 @@ def test_stages_are_cached_and_invalidated_when_their_inputs_change(hooked, monk
 
 
 @pytest.mark.parametrize("setting, value", [
-    ("llm_dtype", "bfloat16"), ("title_max_tokens", 3), ("title_pooling", "last"), ("title_layer", 2),
+    ("llm_dtype", "bfloat16"), ("title_max_tokens", 3), ("title_pooling", "last"),
     ("learning_rate", 0.002), ("embedding_size", 12), ("head_heads", 1), ("head_dropout", 0.2),
     ("code", "another version")])
 def test_every_setting_the_stages_read_invalidates_them(hooked, monkeypatch, setting, value):

@@ -283,12 +283,30 @@ def test_dropped_states_are_recomputed_by_the_backbone(build):
     assert sum(calls) == len(interaction) and torch.allclose(cached, recomputed, atol=1e-5)
 
 
-def test_title_embeddings_are_cached_per_settings(build, monkeypatch):
-    build("llama")
+def test_title_embeddings_are_cached_per_backbone_and_settings(build, monkeypatch):
+    first = build("llama")[0]
     monkeypatch.setattr(model_module, "encode_titles", lambda *a, **k: pytest.fail("cache not reused"))
-    build("llama", num_layers=2)  # other layers, same titles and settings: reused
+    again = build("llama")[0]  # same layers, titles and settings: reused
+    assert torch.equal(first.compact.title_prior, again.compact.title_prior)
+    with pytest.raises(pytest.fail.Exception, match="cache not reused"):
+        build("llama", num_layers=2)  # other layers encode the titles otherwise
     with pytest.raises(pytest.fail.Exception, match="cache not reused"):
         build("llama", title_pooling="last")
+
+
+def test_the_prior_is_the_kept_layers_encoding_of_the_titles(build):
+    priors = {layers: build("llama", selected_layers=list(layers))[0].compact.title_prior
+              for layers in [(0, 1), (0, 1, 2), (3,)]}
+    assert not torch.allclose(priors[0, 1], priors[0, 1, 2]) and not torch.allclose(priors[0, 1], priors[3,])
+
+
+def test_the_prior_follows_the_layers_the_hooks_choose(build):
+    hooked, loaders = build("llama", layer_strategy="importance", num_layers=2, importance_sample_users=8,
+                            importance_max_items=6, importance_warmup_steps=5, selection_sample_users=8)
+    hooked.before_training(*loaders)
+    given = build("llama", selected_layers=hooked.selected_layers)[0]
+    assert torch.allclose(hooked.compact.title_prior, given.compact.title_prior, atol=1e-6)
+    assert torch.allclose(hooked.compact.prior_mean, given.compact.prior_mean, atol=1e-6)
 
 
 def test_the_whole_llm_goes_to_the_device_only_when_something_reads_it(build, monkeypatch):
@@ -297,11 +315,9 @@ def test_the_whole_llm_goes_to_the_device_only_when_something_reads_it(build, mo
     monkeypatch.setattr(model_module, "_on_device",
                         lambda llm, device: moved.append(device) or original(llm, device))
     build("llama", selected_layers=[0, 2, 5])
-    assert len(moved) == 1  # to encode the titles, once
-    build("llama", selected_layers=[0, 2, 5])
-    assert len(moved) == 1  # titles cached, layers given: only the kept layers go to the device
+    assert not moved  # the titles are encoded by the kept layers only
     build("llama", layer_strategy="importance")
-    assert len(moved) == 2  # the hooks read every layer
+    assert len(moved) == 1  # the hooks read every layer
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.llm import load_llm
 from recbole_layersel.title_layers import content_ndcg_at_10, encode_every_layer, main
-from recbole_layersel.titles import TitleSettings, encode_titles
+from recbole_layersel.titles import TitleSettings, encode_titles, pool
 from tests.conftest import write_atomic_dataset
 from tests.tiny_models import CONFIGS, NUM_LAYERS, save_tiny_llm
 
@@ -17,14 +18,26 @@ TITLES = ["", "item number 1", "item 2", "number 3 item 4"]
 
 
 @pytest.mark.parametrize("layer, pooling", [(None, "mean"), (0, "last"), (2, "mean"), (NUM_LAYERS, "last")])
-def test_every_candidate_is_the_prior_that_setting_gives(tmp_path, layer, pooling):
+def test_every_candidate_pools_the_hidden_states_it_names(tmp_path, layer, pooling):
     llm, tokenizer = load_llm(str(save_tiny_llm(tmp_path, CONFIGS["llama"]())))
     candidates = encode_every_layer(llm, tokenizer, TITLES, max_tokens=8, batch_size=2, show_progress=False)
     assert len(candidates) == 2 * (NUM_LAYERS + 2)  # layers 0..L and ~, two poolings
-    settings = TitleSettings(title_max_tokens=8, title_pooling=pooling, title_layer=layer,
-                             llm_dtype="float32", llm_quantization=None)
-    prior = encode_titles(llm, tokenizer, TITLES, settings, batch_size=2, show_progress=False)["prior"]
-    assert torch.allclose(candidates["~" if layer is None else str(layer), pooling], prior, atol=1e-5)
+    batch = tokenizer(TITLES[1:], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        outputs = llm(**batch, output_hidden_states=True)
+    hidden = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+    expected = pool(hidden, batch["attention_mask"], pooling)
+    assert torch.allclose(candidates["~" if layer is None else str(layer), pooling][1:], expected, atol=1e-5)
+
+
+def test_the_last_candidate_is_the_prior_of_the_model_with_every_layer(tmp_path):
+    llm, tokenizer = load_llm(str(save_tiny_llm(tmp_path, CONFIGS["llama"]())))
+    candidates = encode_every_layer(llm, tokenizer, TITLES, max_tokens=8, batch_size=2, show_progress=False)
+    settings = TitleSettings(title_max_tokens=8, title_pooling="mean", llm_dtype="float32",
+                             llm_quantization=None)
+    prior = encode_titles(CompactBackbone(llm, list(range(NUM_LAYERS))), llm.get_input_embeddings(),
+                          tokenizer, TITLES, settings, batch_size=2, show_progress=False)["prior"]
+    assert torch.allclose(candidates["~", "mean"], prior, atol=1e-5)
 
 
 def test_the_content_ranking_leaves_the_history_out_and_gives_ties_away():

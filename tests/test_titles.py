@@ -1,19 +1,20 @@
-"""Title embeddings: the backbone's inputs and the text prior, from the layer the settings name."""
+"""Title embeddings: the backbone's inputs and the text prior, the kept layers' states over the title."""
 
 import pytest
 import torch
 
+from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.llm import load_llm
-from recbole_layersel.titles import TitleSettings, encode_titles
+from recbole_layersel.titles import TitleSettings, backbone_fingerprint, encode_titles
 from tests.tiny_models import CONFIGS, NUM_LAYERS, save_tiny_llm
 
 TITLES = ["", "item number 1", "item 2", "number 3 item 4"]  # row 0: RecBole's padding item
 
 
 def settings(**changes) -> TitleSettings:
-    return TitleSettings(**{"title_max_tokens": 8, "title_pooling": "mean", "title_layer": None,
-                            "llm_dtype": "float32", "llm_quantization": None, **changes})
+    return TitleSettings(**{"title_max_tokens": 8, "title_pooling": "mean", "llm_dtype": "float32",
+                            "llm_quantization": None, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +22,55 @@ def llm(tmp_path_factory):
     return load_llm(str(save_tiny_llm(tmp_path_factory.mktemp("llm"), CONFIGS["llama"]())))
 
 
-@pytest.mark.parametrize("layer", [None, 0, 2, NUM_LAYERS])
-def test_the_prior_pools_the_hidden_states_of_the_layer_named(llm, layer):
+def encode(llm, layers, **changes):
     model, tokenizer = llm
-    encoded = encode_titles(model, tokenizer, TITLES, settings(title_layer=layer), batch_size=2,
-                            show_progress=False)
+    return encode_titles(CompactBackbone(model, layers), model.get_input_embeddings(), tokenizer, TITLES,
+                         settings(**changes), batch_size=2, show_progress=False)
+
+
+def mean_over_tokens(hidden, mask):
+    mask = mask.unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@pytest.mark.parametrize("first", [0, 2, NUM_LAYERS])
+def test_the_prior_pools_the_final_states_of_the_layers_kept(llm, first):
+    model, tokenizer = llm
+    encoded = encode(llm, list(range(first)))
     batch = tokenizer(TITLES[1:], padding=True, return_tensors="pt")
     with torch.no_grad():
         outputs = model(**batch, output_hidden_states=True)
-    hidden = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
-    mask = batch["attention_mask"].unsqueeze(-1)
-    expected = (hidden * mask).sum(1) / mask.sum(1)
-    assert torch.allclose(encoded["prior"][1:], expected, atol=1e-5)
+        # the first i layers kept give layer i's output, then the final norm
+        last = first == NUM_LAYERS
+        hidden = outputs.last_hidden_state if last else model.norm(outputs.hidden_states[first])
+        inputs = model.get_input_embeddings()(batch["input_ids"])
+    assert torch.allclose(encoded["prior"][1:], mean_over_tokens(hidden, batch["attention_mask"]), atol=1e-5)
+    assert torch.allclose(encoded["inputs"][1:], mean_over_tokens(inputs, batch["attention_mask"]), atol=1e-6)
     assert not encoded["prior"][0].any() and not encoded["inputs"][0].any()
 
 
-def test_a_layer_the_model_does_not_have_is_named(llm):
-    with pytest.raises(LayerSelError, match=rf"title_layer=7; use ~ .* or a layer in 0..{NUM_LAYERS}"):
-        encode_titles(*llm, TITLES, settings(title_layer=NUM_LAYERS + 1), batch_size=2, show_progress=False)
+def test_other_layers_give_another_prior_and_another_fingerprint(llm):
+    model, _ = llm
+    assert not torch.allclose(encode(llm, [0, 1])["prior"], encode(llm, [0, 2])["prior"])
+    one, other = CompactBackbone(model, [0, 2]), CompactBackbone(model, [0, 2])
+    assert backbone_fingerprint(one) == backbone_fingerprint(other)
+    adjacent = [backbone_fingerprint(CompactBackbone(model, layers)) for layers in ([0, 1], [1, 2])]
+    assert adjacent[0] != adjacent[1]  # identity bridges both: the layers tell them apart
+    with torch.no_grad():
+        next(other.bridges.parameters()).add_(1.0)  # a distilled bridge
+    assert backbone_fingerprint(one) != backbone_fingerprint(other)
+
+
+def test_last_token_pooling_reads_each_titles_last_token(llm):
+    model, tokenizer = llm
+    encoded = encode(llm, [0, 1], title_pooling="last")
+    for i, title in enumerate(TITLES[1:], start=1):
+        batch = tokenizer([title], return_tensors="pt")
+        with torch.no_grad():
+            alone = CompactBackbone(model, [0, 1])(model.get_input_embeddings()(batch["input_ids"]))
+        assert torch.allclose(encoded["prior"][i], alone[0, -1], atol=1e-5)
+
+
+def test_an_unknown_pooling_is_named(llm):
+    with pytest.raises(LayerSelError, match=r"title_pooling='max' is not supported; use one of"):
+        encode(llm, [0], title_pooling="max")
