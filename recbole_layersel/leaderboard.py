@@ -219,9 +219,35 @@ def _finished(path: Path, run, identity: dict, redo_changed: bool, retry_failed:
             )
         if not changed and not (retry_failed and record["status"] != "ok"):
             return record
+    resumed_by = _check_resume_state(path, identity, redo_changed)
     record = run() | identity
     write_atomic(path, json.dumps(record, indent=1))
+    resumed_by.unlink(missing_ok=True)  # the run is finished: its resume state is gone too
     return record
+
+
+def _check_resume_state(path: Path, identity: dict, redo_changed: bool) -> Path:
+    """Make sure that the run about to start for ``path`` resumes only a training state (``.resume.pth``,
+    left by a killed run) that the same config and code wrote: one of another config or code, or with no
+    record of its run, is refused, or deleted with ``redo_changed``. Then records what the run that
+    starts now is (``.resume.json``: its identity and every module's hash; which modules it loads is known
+    only when it ends) and returns that record's path."""
+    state, recorded = path.with_suffix(".resume.pth"), path.with_suffix(".resume.json")
+    if state.is_file():
+        found = json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else None
+        changed = changes(found, identity) if found else ["no record of the run that wrote it"]
+        if changed and not redo_changed:
+            raise LayerSelError(
+                f"{state} holds the training state of an interrupted run that does not match its entry "
+                f"now: {'; '.join(changed)}. Pass --redo-changed to delete it and run the entry from the "
+                "start, or restore that config and code to resume it."
+            )
+        if changed:
+            print(f"Deleting {state} (from another run: {'; '.join(changed)}); the run starts again.")
+            state.unlink()
+    code = {name: digest for name, digest in package_sources().items() if name != __name__}
+    write_atomic(recorded, json.dumps({**identity, "code": code}, indent=1))
+    return recorded
 
 
 def _in_child(model: str, dataset: str, config_dict: dict) -> dict:

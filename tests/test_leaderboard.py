@@ -176,6 +176,47 @@ def test_a_finished_run_of_another_config_or_code_is_refused_or_redone(tiny, tmp
         run_entry("BPR-tiny", "tiny", 1, out, {**tiny, "epochs": 2})
 
 
+def test_only_the_same_config_and_code_resume_a_killed_runs_state(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    folder = out / "runs" / "tiny" / "BPR-tiny"
+    state = folder / "seed1.resume.pth"
+    started_with_state = []
+
+    def killed_child(model, dataset, config_dict):  # a session ends mid-training
+        Path(config_dict["resume_file"]).write_bytes(b"training state")
+        raise KeyboardInterrupt
+
+    def child(model, dataset, config_dict):
+        started_with_state.append(Path(config_dict["resume_file"]).is_file())
+        Path(config_dict["resume_file"]).unlink(missing_ok=True)  # as a finished run does
+        return {"status": "ok", "test": {}}
+
+    def kill(settings):
+        monkeypatch.setattr(leaderboard, "_in_child", killed_child)
+        with pytest.raises(KeyboardInterrupt):
+            run_entry("BPR-tiny", "tiny", 1, out, settings)
+        monkeypatch.setattr(leaderboard, "_in_child", child)
+
+    kill(tiny)
+    assert run_entry("BPR-tiny", "tiny", 1, out, tiny)["status"] == "ok"
+    assert started_with_state == [True]  # same config and code: resumed
+    assert not (folder / "seed1.resume.json").exists()
+    (folder / "seed1.json").unlink()
+    kill(tiny)
+    with pytest.raises(LayerSelError, match=r"seed1.resume.pth holds the training state .*epochs 1 -> 2"):
+        run_entry("BPR-tiny", "tiny", 1, out, {**tiny, "epochs": 2})
+    monkeypatch.setattr(leaderboard, "_module_sha256", lambda name: "digest-of-tomorrow")
+    with pytest.raises(LayerSelError, match=r"code changed since: recbole_layersel\."):
+        run_entry("BPR-tiny", "tiny", 1, out, tiny)
+    assert state.is_file()  # refused, not deleted
+    run_entry("BPR-tiny", "tiny", 1, out, tiny, redo_changed=True)
+    assert started_with_state == [True, False]  # deleted: the run started from scratch
+    (folder / "seed1.json").unlink()
+    state.write_bytes(b"written before runs recorded their resume states")
+    with pytest.raises(LayerSelError, match="no record of the run that wrote it.*--redo-changed"):
+        run_entry("BPR-tiny", "tiny", 1, out, tiny)
+
+
 def test_failed_runs_are_retried_when_asked(tiny, tmp_path, monkeypatch):
     out = tmp_path / "results"
     outcomes = iter([{"status": "failed", "error": "killed"}, {"status": "ok", "test": {}}])
