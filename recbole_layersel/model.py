@@ -166,6 +166,8 @@ class LayerSelLLM(SequentialRecommender):
         else:
             backbone = seeded_backbone(llm, chosen, config["seed"], config["mlp_bridges"],
                                        config["bridge_rank"]).to(device)
+            how = "selected_layers" if explicit is not None else f"layer_strategy {config['layer_strategy']}"
+            logger.info(f"Compact backbone: layers {chosen} of {num_source_layers} ({how}, no hooks needed)")
             encoded = self._encode_titles(backbone, llm.get_input_embeddings().to(device), tokenizer)
             self._source_llm = ()
         del llm  # without hooks, the unselected layers, token embeddings and any head are freed here
