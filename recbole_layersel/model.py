@@ -30,6 +30,7 @@ import logging
 import warnings
 from dataclasses import asdict
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -145,8 +146,14 @@ class LayerSelLLM(SequentialRecommender):
             config["num_layers"] = num_source_layers
         if explicit is None:
             check_strategy(config["layer_strategy"], config["num_layers"], num_source_layers)
-        hooks_needed = config["distill_steps"] or (
-            explicit is None and config["layer_strategy"] not in DATA_FREE_STRATEGIES)
+        chosen = None  # the kept layers, when no data is needed to choose them
+        if explicit is not None or config["layer_strategy"] in DATA_FREE_STRATEGIES:
+            chosen = select_layers(num_source_layers, selected_layers=explicit, seed=config["seed"],
+                                   strategy=config["layer_strategy"], num_layers=config["num_layers"])
+        # Distillation trains the bridges between kept layers that are not adjacent; adjacent ones have none,
+        # and then the whole model is never needed (nor moved to the device).
+        hooks_needed = chosen is None or bool(
+            config["distill_steps"] and any(later - earlier > 1 for earlier, later in pairwise(chosen)))
         if hooks_needed:
             # Importance, selection and distillation read the full model: keep every layer (and the
             # source model, outside the module tree) until `before_training` has chosen.
@@ -157,10 +164,10 @@ class LayerSelLLM(SequentialRecommender):
             encoded = self._encode_titles(CompactBackbone(llm, []), llm.get_input_embeddings(), tokenizer)
             self._source_llm = (llm, tokenizer)
         else:
-            backbone = seeded_backbone(llm, select_layers(
-                num_source_layers, selected_layers=explicit, strategy=config["layer_strategy"],
-                num_layers=config["num_layers"], seed=config["seed"]), config["seed"], config["mlp_bridges"],
-                config["bridge_rank"]).to(device)
+            backbone = seeded_backbone(llm, chosen, config["seed"], config["mlp_bridges"],
+                                       config["bridge_rank"]).to(device)
+            how = "selected_layers" if explicit is not None else f"layer_strategy {config['layer_strategy']}"
+            logger.info(f"Compact backbone: layers {chosen} of {num_source_layers} ({how}, no hooks needed)")
             encoded = self._encode_titles(backbone, llm.get_input_embeddings().to(device), tokenizer)
             self._source_llm = ()
         del llm  # without hooks, the unselected layers, token embeddings and any head are freed here

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from recbole_layersel import hooks
+from recbole_layersel import model as model_module
 from recbole_layersel.errors import LayerSelError
 from tests.test_model import build  # noqa: F401  (fixture)
 
@@ -92,13 +93,19 @@ def test_bridges_start_from_the_runs_seed_whatever_ran_before(build, tmp_path): 
         assert torch.equal(bridges[0][name], bridges[1][name]), name
 
 
-@pytest.mark.parametrize("strategy", ["block_influence", "contiguous", "magnitude", "last", "random"])
+@pytest.mark.parametrize("strategy", ["block_influence", "contiguous", "magnitude", "random"])
 def test_baseline_strategies_share_the_pipeline(hooked, strategy, tmp_path):
     model, _ = hooked(layer_strategy=strategy)
     assert len(model.selected_layers) == 3
     selection = json.loads((tmp_path / "run" / "selection.json").read_text())
     assert selection["strategy"] == strategy and selection["selected"] == model.selected_layers
-    assert (tmp_path / "run" / "importance.json").exists() == (strategy not in {"last", "random"})
+    assert (tmp_path / "run" / "importance.json").exists() == (strategy != "random")
+
+
+def test_adjacent_layers_chosen_without_data_skip_the_hooks(hooked, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_module, "run_pretraining_hooks", lambda *a, **k: pytest.fail("hooks ran"))
+    model, _ = hooked(layer_strategy="last")  # distill_steps > 0, but no bridge to distil
+    assert model.selected_layers == [3, 4, 5] and not (tmp_path / "run").exists()
 
 
 def test_explicit_layers_skip_importance_and_selection(hooked, monkeypatch):

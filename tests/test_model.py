@@ -316,8 +316,12 @@ def test_the_whole_llm_goes_to_the_device_only_when_something_reads_it(build, mo
                         lambda llm, device: moved.append(device) or original(llm, device))
     build("llama", selected_layers=[0, 2, 5])
     assert not moved  # the titles are encoded by the kept layers only
+    model = build("llama", layer_strategy="first", distill_steps=10)[0]
+    assert not moved and model.selected_layers == [0, 1, 2]  # adjacent layers: no bridge to distil
+    build("llama", selected_layers=[0, 2, 5], distill_steps=10)
+    assert len(moved) == 1  # the bridges learn from the full model
     build("llama", layer_strategy="importance")
-    assert len(moved) == 1  # the hooks read every layer
+    assert len(moved) == 2  # the hooks read every layer
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
