@@ -285,9 +285,10 @@ def run_entry(name: str, dataset: str, seed: int, out: Path, extra: dict, redo_c
     """One finished run: read from its file, or run now (in a child process) and write the file."""
     model, settings, source = entry_settings(name)
     options = {"redo_changed": redo_changed, "retry_failed": retry_failed}
-    # Training resumes from the state before its last epoch when a run was killed (protocol.ResumeMixin).
-    config_dict = {**settings, **extra, "seed": seed,
-                   "resume_file": str(out / "runs" / dataset / name / f"seed{seed}.resume.pth")}
+    path = out / "runs" / dataset / name / f"seed{seed}.json"
+    # Training resumes from the state before its last epoch when a run was killed (protocol.ResumeMixin),
+    # kept beside the run file, where `_check_resume_state` looks for it.
+    config_dict = {**settings, **extra, "seed": seed, "resume_file": str(path.with_suffix(".resume.pth"))}
 
     def run() -> dict:
         if source is None:
@@ -301,7 +302,7 @@ def run_entry(name: str, dataset: str, seed: int, out: Path, extra: dict, redo_c
     identity = {"entry": name, "model": model, "dataset": dataset, "seed": seed,
                 "settings": {**settings, **extra}, "version": __version__,
                 "config": resolved_config(model, dataset, config_dict)}
-    return _finished(out / "runs" / dataset / name / f"seed{seed}.json", run, identity, **options)
+    return _finished(path, run, identity, **options)
 
 
 def summarise(records: list[dict], entries: list[str]) -> list[dict]:
