@@ -3,7 +3,7 @@
     python -m recbole_layersel.proxy_check --dataset ml-100k --seed 2020
 
 Reads the finished LayerSelLLM leaderboard runs of ``--seed`` on the dataset (``<runs>/<dataset>/
-LayerSelLLM-*/seed<seed>.json``: each holds the layers it kept and its test NDCG@10), scores every
+LayerSelLLM-*/seed<seed>.json``: each holds the layers it kept and its NDCG@10), scores every
 distinct layer set with both proxies of ``proxy.py`` on the samples the hooks of that seed draw, and
 reports Spearman's rho between each proxy and the runs' NDCG@10, with each proxy's seconds per set.
 Writes ``<out>/<dataset>-seed<seed>.md`` and ``.json`` (``--runs``: results/runs, ``--out``: results/proxy).
@@ -27,20 +27,23 @@ from recbole_layersel.model import LayerSelLLM
 from recbole_layersel.proxy import AdaptedNDCG, AdaptSettings, ContentNDCG
 
 
-def finished_runs(runs: Path, dataset: str, seed: int) -> dict[tuple[int, ...], dict[str, float]]:
-    """Layer set -> {entry: test NDCG@10} of the finished LayerSelLLM runs of ``seed``."""
+def finished_runs(runs: Path, dataset: str, seed: int) -> tuple[str, dict[tuple[int, ...], dict[str, float]]]:
+    """(split, layer set -> {entry: NDCG@10}) of the finished LayerSelLLM runs of ``seed``: the validation
+    NDCG@10 of the best epoch when every run recorded it (runs from 2026-12-01 on), else the test one."""
+    records = {path.parent.name: json.loads(path.read_text(encoding="utf-8"))
+               for path in sorted((runs / dataset).glob(f"LayerSelLLM-*/seed{seed}.json"))}
+    records = {entry: record for entry, record in records.items()
+               if record["status"] == "ok" and record.get("selected_layers") is not None}
+    split = "valid" if all("valid" in record for record in records.values()) else "test"
     by_layers: dict[tuple[int, ...], dict[str, float]] = {}
-    for path in sorted((runs / dataset).glob(f"LayerSelLLM-*/seed{seed}.json")):
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record["status"] == "ok" and record.get("selected_layers") is not None:
-            runs_of_layers = by_layers.setdefault(tuple(record["selected_layers"]), {})
-            runs_of_layers[path.parent.name] = record["test"]["ndcg@10"]
+    for entry, record in records.items():
+        by_layers.setdefault(tuple(record["selected_layers"]), {})[entry] = record[split]["ndcg@10"]
     if len(by_layers) < 3:
         raise LayerSelError(
             f"{runs / dataset} holds finished LayerSelLLM runs of seed {seed} for {len(by_layers)} layer "
             "sets; a rank correlation needs at least 3. Run more entries with the leaderboard first."
         )
-    return by_layers
+    return split, by_layers
 
 
 def proxies(dataset: str, seed: int) -> dict:
@@ -61,8 +64,9 @@ def proxies(dataset: str, seed: int) -> dict:
 
 
 def check(dataset: str, seed: int, runs: Path) -> dict:
+    split, by_layers = finished_runs(runs, dataset, seed)
     rows = [{"layers": list(layers), "entries": entries, "ndcg@10": sum(entries.values()) / len(entries)}
-            for layers, entries in finished_runs(runs, dataset, seed).items()]
+            for layers, entries in by_layers.items()]
     for name, proxy in proxies(dataset, seed).items():
         for row in rows:
             start = time.perf_counter()
@@ -70,12 +74,12 @@ def check(dataset: str, seed: int, runs: Path) -> dict:
     ndcg = [row["ndcg@10"] for row in rows]
     rho = {name: float(spearmanr([row[name]["score"] for row in rows], ndcg)[0])
            for name in ("content", "adapted")}
-    return {"dataset": dataset, "seed": seed, "rows": rows, "spearman": rho}
+    return {"dataset": dataset, "seed": seed, "split": split, "rows": rows, "spearman": rho}
 
 
 def markdown(report: dict) -> str:
     lines = [f"# Greedy proxies vs trained runs: {report['dataset']}, seed {report['seed']}", "",
-             "| layers | runs | test NDCG@10 | content proxy | s | adapted proxy | s |",
+             f"| layers | runs | {report['split']} NDCG@10 | content proxy | s | adapted proxy | s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for row in sorted(report["rows"], key=lambda row: -row["ndcg@10"]):
         content, adapted = row["content"], row["adapted"]
@@ -83,8 +87,8 @@ def markdown(report: dict) -> str:
                      f"| {content['score']:.4f} | {content['seconds']:.1f} | {adapted['score']:.4f} "
                      f"| {adapted['seconds']:.1f} |")
     rho = report["spearman"]
-    lines += ["", f"Spearman's rho with test NDCG@10 over {len(report['rows'])} layer sets: content "
-              f"{rho['content']:.2f}, adapted {rho['adapted']:.2f}."]
+    lines += ["", f"Spearman's rho with {report['split']} NDCG@10 over {len(report['rows'])} layer sets: "
+              f"content {rho['content']:.2f}, adapted {rho['adapted']:.2f}."]
     return "\n".join(lines)
 
 

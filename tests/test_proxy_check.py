@@ -8,10 +8,13 @@ from recbole_layersel import proxy_check
 from recbole_layersel.errors import LayerSelError
 
 
-def write_run(runs, entry, seed, layers, ndcg, status="ok"):
+def write_run(runs, entry, seed, layers, ndcg, status="ok", valid=None):
     path = runs / "tiny" / entry / f"seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"status": status, "selected_layers": layers, "test": {"ndcg@10": ndcg}}))
+    record = {"status": status, "selected_layers": layers, "test": {"ndcg@10": ndcg}}
+    if valid is not None:
+        record["valid"] = {"ndcg@10": valid}
+    path.write_text(json.dumps(record))
 
 
 def test_the_proxies_rank_correlation_with_the_runs(tmp_path, monkeypatch):
@@ -30,6 +33,7 @@ def test_the_proxies_rank_correlation_with_the_runs(tmp_path, monkeypatch):
     assert set(rows) == {(0, 1), (4, 5), ()} and rows[(0, 1)]["ndcg@10"] == pytest.approx(0.4)
     assert rows[(0, 1)]["entries"] == {"LayerSelLLM-first-k2": 0.3, "LayerSelLLM-importance": 0.5}
     assert report["spearman"] == {"content": pytest.approx(1.0), "adapted": pytest.approx(-1.0)}
+    assert report["split"] == "test"  # not every run recorded its validation NDCG
     table = proxy_check.markdown(report)
     assert "| [0, 1] | LayerSelLLM-first-k2, LayerSelLLM-importance | 0.4000 |" in table
 
@@ -39,3 +43,11 @@ def test_fewer_than_three_layer_sets_cannot_be_correlated(tmp_path):
     write_run(tmp_path, "LayerSelLLM-text", 1, [], 0.2)
     with pytest.raises(LayerSelError, match="for 2 layer sets; a rank correlation needs at least 3"):
         proxy_check.finished_runs(tmp_path, "tiny", 1)
+
+
+def test_validation_ndcg_is_used_when_every_run_recorded_it(tmp_path):
+    for entry, layers, ndcg in (("LayerSelLLM-a", [0], 0.3), ("LayerSelLLM-b", [1], 0.2),
+                                ("LayerSelLLM-c", [], 0.1)):
+        write_run(tmp_path, entry, 1, layers, ndcg, valid=ndcg + 1)
+    split, by_layers = proxy_check.finished_runs(tmp_path, "tiny", 1)
+    assert split == "valid" and by_layers[(0,)] == {"LayerSelLLM-a": 1.3}
