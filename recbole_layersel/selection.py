@@ -110,23 +110,27 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
     The search starts from no layer (scored too: what the first layer must beat). At each step every set
     of the beam is extended by each of the first ``candidates`` layers of ``ranking`` it lacks, every
     extension is scored, and the ``beam_width`` best distinct ones become the next beam. It stops at
-    ``target_k`` layers; when ``patience`` steps in a row gain less than ``min_gain`` (relative), returning
-    the best set from before them; before a step that would exceed ``max_evaluations`` or start after
-    ``max_seconds`` (``clock``); or when no layer is left.
+    ``target_k`` layers; when ``patience`` steps in a row gain less than ``min_gain`` (relative); before a
+    step that would exceed ``max_evaluations`` or start after ``max_seconds`` (``clock``); or when no
+    layer is left. Whatever stopped it, the steps since the last one that gained ``min_gain`` did not pay
+    for their layers: the result is the best set from before them.
     """
     start, evaluations = clock(), 1
     beam = [Scored([], float(evaluate([])))]
     trajectory = [GreedyStep(list(beam), list(beam), None)]
     flat_run = 0
+
+    def result(reason: str) -> GreedyResult:
+        return GreedyResult(trajectory[-flat_run - 1].beam[0].layers, reason, trajectory, evaluations)
+
     while True:
         extensions = _extensions(beam, ranking, candidates)
         if len(beam[0].layers) == target_k or not extensions:
-            reason = "target" if extensions else "all_layers"
-            return GreedyResult(beam[0].layers, reason, trajectory, evaluations)
+            return result("target" if extensions else "all_layers")
         if max_evaluations is not None and evaluations + len(extensions) > max_evaluations:
-            return GreedyResult(beam[0].layers, "budget_evaluations", trajectory, evaluations)
+            return result("budget_evaluations")
         if max_seconds is not None and clock() - start >= max_seconds:
-            return GreedyResult(beam[0].layers, "budget_seconds", trajectory, evaluations)
+            return result("budget_seconds")
         scored = sorted((Scored(layers, float(evaluate(layers))) for layers in extensions),
                         key=lambda s: (-s.proxy, s.layers))
         evaluations += len(scored)
@@ -134,9 +138,8 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
         gain = (beam[0].proxy - previous) / max(abs(previous), 1e-12)
         trajectory.append(GreedyStep(scored, list(beam), gain))
         flat_run = flat_run + 1 if gain < min_gain else 0
-        if flat_run == patience:  # these additions did not pay for themselves: drop them again
-            before = trajectory[-patience - 1].beam[0].layers
-            return GreedyResult(before, "saturated", trajectory, evaluations)
+        if flat_run == patience:
+            return result("saturated")
 
 
 def _extensions(beam: list[Scored], ranking: list[int], candidates: int) -> list[list[int]]:

@@ -109,6 +109,12 @@ def test_greedy_stops_when_the_time_budget_runs_out():
     assert result.stop_reason == "budget_seconds" and 1 <= len(result.selected) < 8
 
 
+def test_additions_that_did_not_pay_are_dropped_whatever_stopped_the_search():
+    values = [0.5, 0.0, -0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # layer 0 gains, 1 and 2 do not
+    result = greedy_select(list(range(10)), Proxy(values, empty=1.0), target_k=3, candidates=1)
+    assert result.stop_reason == "target" and result.selected == [0]
+
+
 def test_greedy_may_use_every_layer():
     result = greedy_select([2, 0, 1], Proxy(VALUES), target_k=5)
     assert result.stop_reason == "all_layers" and result.selected == [0, 1, 2]
