@@ -195,7 +195,8 @@ def _importance(full: CompactBackbone, data: HookData, settings: ImportanceSetti
     if out_dir is not None:
         report = {**importance.to_json(), "settings": key, "sample_users": len(data.sample)}
         write_atomic(out_dir / "importance.json", json.dumps(report, indent=1))
-        plot_importance_heatmap(importance, out_dir / "importance.png", title=key["llm"]["path"])
+        plot_importance_heatmap(importance, out_dir / "importance.png",
+                                title=f"{Path(key['llm']['path']).name} on {key['dataset']}")
     logger.info(f"Fused layer importance (most important first): {importance.ranking}")
     return importance, teacher
 

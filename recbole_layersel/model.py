@@ -64,7 +64,7 @@ TRAIN_MODES = ("frozen", "lora")
 # Settings of earlier versions -> what replaced them; RecBole would silently ignore them otherwise.
 REPLACED_SETTINGS = {
     "importance_weights": "importance_group_weights (one weight per group of correlated criteria: fisher, "
-                          "change, activations, attention)",
+                          "change, activations, output_rank, attention)",
 }
 
 

@@ -340,7 +340,7 @@ def test_bad_backbone_arguments_and_loss_are_rejected():
 @pytest.mark.parametrize(
     ("weights", "match"),
     [
-        ({"fishr": 1.0}, r"groups \['fishr'\]; .*fisher, change, activations, attention"),
+        ({"fishr": 1.0}, r"groups \['fishr'\]; .*fisher, change, activations, output_rank, attention"),
         ({"block_influence": 1.0}, r"\['block_influence'\].*change = norm_growth \+ block_influence"),
         ({"fisher": -1.0, "change": 2.0}, r">= 0, got \{'fisher': -1\.0\}.*fisher, change, activations"),
         ({"fisher": float("nan")}, r"got \{'fisher': nan\}"),
@@ -356,9 +356,9 @@ def test_validate_group_weights_rejects(weights, match):
 
 
 def test_group_weights_normalise_and_zero_drops_a_group():
-    assert validate_group_weights(None) == dict.fromkeys(GROUPS, 0.25)
+    assert validate_group_weights(None) == dict.fromkeys(GROUPS, 0.2)
     assert validate_group_weights({"fisher": 3, "change": 1, "attention": 0}) == {
-        "fisher": 0.75, "change": 0.25, "activations": 0.0, "attention": 0.0
+        "fisher": 0.75, "change": 0.25, "activations": 0.0, "output_rank": 0.0, "attention": 0.0
     }
     raw = {name: [4.0, 1.0, 3.0, 2.0] for name in (*GROUPS["fisher"], *GROUPS["change"])}
     raw["fisher"] = [1.0, 2.0, 3.0, 4.0]
@@ -427,7 +427,7 @@ def test_a_group_of_perfectly_correlated_criteria_counts_once():
     duplicated = raw | {name: raw["norm_growth"] for name in GROUPS["change"]}
     assert fuse_scores(duplicated, {"fisher": 1, "change": 1}).fused == fusion.fused
     # With default weights the constant groups add 0.5 each, moving no layer.
-    assert fuse_scores(raw).fused == pytest.approx([(2 * fused + 1) / 4 for fused in fusion.fused])
+    assert fuse_scores(raw).fused == pytest.approx([(2 * fused + 1.5) / 5 for fused in fusion.fused])
 
 
 def test_rank_correlation():
@@ -481,7 +481,7 @@ def test_heatmap_shows_ranks_groups_fused_and_correlation(monkeypatch):
     labels = [label.get_text() for label in scores_axes.get_yticklabels()]
     assert labels[:4] == ["fisher [fisher]", "norm_growth [change]", "block_influence [change]",
                           "angular_distance [change]"]
-    assert labels[9:] == [f"{group} group (w=0.25)" for group in GROUPS] + ["fused"]
+    assert labels[9:] == [f"{group} group (w=0.20)" for group in GROUPS] + ["fused"]
     rows = scores_axes.get_images()[0].get_array()
     np.testing.assert_allclose(rows[0], result.normalised["fisher"])
     np.testing.assert_allclose(rows[10], result.group_scores["change"])
