@@ -113,23 +113,28 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
     ``target_k`` layers; when ``patience`` steps in a row gain less than ``min_gain`` (relative); before a
     step that would exceed ``max_evaluations`` or start after ``max_seconds`` (``clock``); or when no
     layer is left. Whatever stopped it, the steps since the last one that gained ``min_gain`` did not pay
-    for their layers: the result is the best set from before them.
+    for their layers: the result is the best set from before them, and at least one layer (a budget stops
+    the search only after its first step; no layer at all is the text-only model, ``num_layers: 0``).
     """
     start, evaluations = clock(), 1
     beam = [Scored([], float(evaluate([])))]
     trajectory = [GreedyStep(list(beam), list(beam), None)]
+    if target_k == 0:
+        return GreedyResult([], "target", trajectory, evaluations)
     flat_run = 0
 
     def result(reason: str) -> GreedyResult:
-        return GreedyResult(trajectory[-flat_run - 1].beam[0].layers, reason, trajectory, evaluations)
+        kept = trajectory[max(len(trajectory) - 1 - flat_run, 1)].beam[0].layers
+        return GreedyResult(kept, reason, trajectory, evaluations)
 
     while True:
         extensions = _extensions(beam, ranking, candidates)
         if len(beam[0].layers) == target_k or not extensions:
             return result("target" if extensions else "all_layers")
-        if max_evaluations is not None and evaluations + len(extensions) > max_evaluations:
+        over_evaluations = max_evaluations is not None and evaluations + len(extensions) > max_evaluations
+        if len(trajectory) > 1 and over_evaluations:
             return result("budget_evaluations")
-        if max_seconds is not None and clock() - start >= max_seconds:
+        if len(trajectory) > 1 and max_seconds is not None and clock() - start >= max_seconds:
             return result("budget_seconds")
         scored = sorted((Scored(layers, float(evaluate(layers))) for layers in extensions),
                         key=lambda s: (-s.proxy, s.layers))

@@ -115,6 +115,12 @@ def test_additions_that_did_not_pay_are_dropped_whatever_stopped_the_search():
     assert result.stop_reason == "target" and result.selected == [0]
 
 
+def test_at_least_one_layer_is_kept_even_when_none_gains():
+    result = greedy_select(RANKING, Proxy([0.0] * 10, empty=1.0), target_k=8, candidates=2, max_evaluations=2)
+    assert result.stop_reason == "budget_evaluations" and result.selected == [2]  # step 1's best (a tie)
+    assert greedy_select(RANKING, Proxy(VALUES), target_k=0).selected == []
+
+
 def test_greedy_may_use_every_layer():
     result = greedy_select([2, 0, 1], Proxy(VALUES), target_k=5)
     assert result.stop_reason == "all_layers" and result.selected == [0, 1, 2]
