@@ -376,3 +376,13 @@ class CompactBackbone(nn.Module):
         hidden_states = inputs_embeds + self.token_type_embeddings.weight[0]
         hidden_states = hidden_states + self.position_embeddings(position_ids)
         return self.embed_dropout(self.embed_norm(hidden_states)), {"full_attention": {}}
+
+
+def seeded_backbone(llm, selected: list[int], seed: int, mlp_bridges: bool = False,
+                    bridge_rank: int | None = None) -> CompactBackbone:
+    """The compact backbone with bridges initialised from ``seed``, not from the global random state
+    (which the stages before it consume differently on a cache hit and a miss); the global state is
+    left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CompactBackbone(llm, selected, mlp_bridges=mlp_bridges, bridge_rank=bridge_rank)

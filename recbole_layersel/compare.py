@@ -6,9 +6,9 @@
 For each LLM, LayerSelLLM's hooks run with ``hooks_only`` (importance on the seeded sample of training
 histories, then the greedy selection; no distillation, no training) in a process of their own, and leave
 ``importance.json`` and ``selection.json`` in ``<out>/<dataset>/<llm>/``. The comparison is one PNG of
-the importance heatmaps (criteria x layers, stars on the selected layers) and a Markdown table of the
-selections with their relative depths (layer / (L - 1)), so a reader sees whether "upper layers matter
-most" holds across models. Finished LLMs are not rerun.
+the importance heatmaps (criteria, group scores and fused score x layers, stars on the selected layers)
+and a Markdown table of the selections with their relative depths (layer / (L - 1)), so a reader sees
+whether "upper layers matter most" holds across models. Finished LLMs are not rerun.
 """
 
 import argparse
@@ -20,6 +20,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import save_figure, write_atomic
 from recbole_layersel.importance import ImportanceResult, draw_importance
 
@@ -52,17 +53,23 @@ def compare(folders: dict[str, Path], dataset: str, out: Path) -> str:
     results, selections = {}, {}
     for name, folder in folders.items():
         report = json.loads((folder / "importance.json").read_text(encoding="utf-8"))
+        missing = [key for key in ImportanceResult.__dataclass_fields__ if key not in report]
+        if missing:
+            raise LayerSelError(
+                f"{folder / 'importance.json'} lacks {missing}: an earlier version of the hooks wrote it. "
+                f"Move {folder} away (it is kept, not deleted, here) and run again to recompute it.")
         results[name] = ImportanceResult(**{k: report[k] for k in ImportanceResult.__dataclass_fields__})
         selections[name] = json.loads((folder / "selection.json").read_text(encoding="utf-8"))["selected"]
 
     widest = max(len(result.fused) for result in results.values())
-    figure = Figure(figsize=(2.5 + 0.3 * widest, 4.2 * len(results)), layout="constrained")
+    figure = Figure(figsize=(3.5 + 0.3 * widest, 5.5 * len(results)), layout="constrained")
     FigureCanvasAgg(figure)
     for axes, (name, result) in zip(figure.subplots(len(results), 1, squeeze=False)[:, 0], results.items(),
                                     strict=True):
         image = draw_importance(axes, result, selections[name],
                                 f"{name}: {len(result.fused)} layers, stars = selected")
-    figure.colorbar(image, ax=figure.axes, label="normalised importance", shrink=0.6)
+    figure.colorbar(image, ax=figure.axes, label="scaled rank over layers (1 = most important)",
+                    shrink=0.6)
     figure.suptitle(f"Layer importance on {dataset}")
     save_figure(figure, out / f"{dataset}-importance.png")
 

@@ -1,108 +1,304 @@
 """Pre-training hooks: importance -> selection -> distillation on the full LLM, before RecBole trains.
 
-``LayerSelLLM.before_training`` calls ``run_pretraining_hooks`` while the model still holds every layer
-of the LLM (a ``CompactBackbone`` of all layers is exactly the full model):
+``LayerSelLLM.run_hooks`` calls ``run_pretraining_hooks`` with the source model, the settings and the
+tensors the stages read (``HookData``: samples of histories, the items' title embeddings, the head's
+shape); it gets back the compact backbone to train. The recommender itself is not touched.
 
-1. **importance** (``importance.py``) on a seeded sample of training histories, after a short warm-up
-   of the recommendation heads on the full model's states (LLM frozen), so the loss means something;
-2. **selection** (``selection.py``): greedy by fused importance with a proxy on a validation sample, or
-   a baseline strategy, or the config's own ``selected_layers``;
+1. **importance** (``importance.py``): a fresh recommendation head warms up on the full model's states
+   of a seeded sample of training histories, so the loss whose Fisher information is measured is a
+   recommender's; then every layer is scored on that sample;
+2. **selection** (``selection.py``): the greedy search over layer sets, scored by a proxy of
+   ``proxy.py`` (validation NDCG@10 of the candidate's text prior, or after a short adaptation), or a
+   baseline strategy, or the config's own ``selected_layers``;
 3. **distillation** (``distill.py``): the bridges of the compact model learn to reproduce the full
    model's final states on the sample.
 
 A stage is skipped when the config gives its result (``selected_layers`` skips 1 and 2 unless a later
 stage needs importance; ``distill_steps: 0`` skips 3) and is cached under ``<llm_cache_dir>/stages/``,
-keyed by model, dataset, data sample and settings, so a rerun or a second variant reuses it.
+keyed by model, dataset, data samples and settings, so a rerun or a second variant reuses it. Under a
+process group the importance and distillation passes share their batches out; the greedy search runs
+in the first process and the others take its result.
 
-The greedy proxy (``selection_proxy``): ``fidelity`` is the mean cosine similarity between the compact
-and the full model's last-position states on the validation sample (smooth, no labels needed);
-``ndcg`` is NDCG@10 of the warmed-up heads applied to the compact model's states against the validation
-targets (the rec metric itself, noisier on small samples). Untrained (identity) bridges in both.
-
-Artifacts, next to RecBole's log (``artifacts_dir``): importance.json, importance.png,
-selection.json, distillation.json.
+Artifacts (``out_dir``, next to RecBole's log): importance.json, importance.png, selection.json,
+distillation.json.
 """
 
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.backbone import CompactBackbone, seeded_backbone
+from recbole_layersel.compact import CompactRecommender, HeadConfig
 from recbole_layersel.distill import distill_bridges
 from recbole_layersel.distributed import (
     all_reduce_sum,
     broadcast_parameters,
     from_main,
     is_main,
-    main_value,
     my_batches,
     rank_and_world,
 )
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import StageCache, StageSettings, code_sha256, tensors_sha256, write_atomic
 from recbole_layersel.importance import ImportanceResult, compute_importance, plot_importance_heatmap
+from recbole_layersel.proxy import (
+    AdaptedNDCG,
+    AdaptSettings,
+    ContentNDCG,
+    ProxyData,
+    adapt,
+    sample_loss,
+)
+from recbole_layersel.samples import SequenceSample
 from recbole_layersel.selection import DATA_FREE_STRATEGIES, greedy_select, select_layers
 
 logger = logging.getLogger(__name__)
-PROXIES = ("fidelity", "ndcg")
+
+
+@dataclass(frozen=True)
+class ImportanceSettings(StageSettings):
+    seed: int
+    learning_rate: float  # the head warms up at ten times the training rate
+    importance_sample_users: int
+    importance_max_items: int
+    importance_batch_size: int
+    importance_warmup_steps: int
+    importance_group_weights: dict | None
+    attention_top_k: int
+    llm_quantization: str | None
+
+
+@dataclass(frozen=True)
+class SelectionSettings(StageSettings):
+    layer_strategy: str
+    selected_layers: list | None
+    num_layers: int
+    selection_proxy: str
+    selection_train_users: int
+    selection_sample_users: int
+    selection_adapt_steps: int
+    selection_batch_size: int
+    selection_candidates: int
+    selection_beam_width: int
+    selection_patience: int
+    selection_min_gain: float
+    selection_max_evaluations: int | None
+    selection_max_seconds: float | None
+
+    def searches(self) -> bool:
+        return self.selected_layers is None and self.layer_strategy == "importance"
+
+
+@dataclass(frozen=True)
+class DistillSettings(StageSettings):
+    distill_steps: int
+    distill_lr: float
+    distill_reg_lambda: float
+    distill_layerwise: bool
+    mlp_bridges: bool
+    bridge_rank: int | None
+
+
+@dataclass(frozen=True)
+class HookSettings:
+    importance: ImportanceSettings
+    selection: SelectionSettings
+    distill: DistillSettings
+
+    @classmethod
+    def from_config(cls, config) -> "HookSettings":
+        return cls(ImportanceSettings.from_config(config), SelectionSettings.from_config(config),
+                   DistillSettings.from_config(config))
+
+    def needs_importance(self) -> bool:
+        selection = self.selection
+        return selection.selected_layers is None and selection.layer_strategy not in DATA_FREE_STRATEGIES
 
 
 @dataclass
-class SequenceSample:
-    """Right-padded histories (N, T), their lengths, and the item that followed each."""
+class HookData:
+    """What the stages read, prepared by ``LayerSelLLM`` from RecBole's loaders."""
 
-    users: list[int]
-    item_seq: torch.Tensor
-    lengths: torch.Tensor
-    targets: torch.Tensor
+    sample: SequenceSample  # training histories: importance and distillation
+    title_inputs: torch.Tensor  # (n_items, H): each item's input to the backbone (row 0 padding)
+    title_prior: torch.Tensor  # (n_items, H): the items' text prior of no layer, read by the warm-up head
+    head: HeadConfig
+    identity: dict  # what names the model, dataset and titles in every cache key
+    proxy: ProxyData | None = field(default=None)  # the greedy search's samples, when it runs
 
-    def sha256(self) -> str:
-        return tensors_sha256({"users": torch.tensor(self.users), "item_seq": self.item_seq,
-                               "lengths": self.lengths, "targets": self.targets})
-
-
-def sample_sequences(model, loader, size: int, max_items: int, seed: int, setting: str) -> SequenceSample:
-    """``size`` users drawn (seeded) from ``loader``'s rows, each with its longest row, keeping the last
-    ``max_items`` items of the history."""
-    rows = loader._dataset.inter_feat
-    longest: dict[int, tuple[int, int]] = {}  # user -> (history length, row index)
-    for index, (user, length) in enumerate(zip(rows[model.USER_ID].tolist(),
-                                               rows[model.ITEM_SEQ_LEN].tolist(), strict=True)):
-        if length > longest.get(user, (0, -1))[0]:
-            longest[user] = (length, index)
-    if size > len(longest):
-        raise LayerSelError(
-            f"{setting}={size} is larger than the data: {len(longest)} users have rows here. "
-            f"Set {setting} to at most {len(longest)}."
-        )
-    generator = torch.Generator().manual_seed(seed)
-    users = sorted(longest)
-    chosen = [users[i] for i in torch.randperm(len(users), generator=generator)[:size].tolist()]
-    indices = torch.tensor([longest[u][1] for u in chosen])
-    full_seq, full_len = rows[model.ITEM_SEQ][indices], rows[model.ITEM_SEQ_LEN][indices]
-    lengths = full_len.clamp(max=max_items)
-    item_seq = torch.zeros(size, int(lengths.max()), dtype=torch.long)
-    for row, (n, keep) in enumerate(zip(full_len.tolist(), lengths.tolist(), strict=True)):
-        item_seq[row, :keep] = full_seq[row, n - keep:n]
-    return SequenceSample(chosen, item_seq, lengths, rows[model.ITEM_ID][indices])
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample's backbone inputs (N, T, H) and attention mask (N, T)."""
+        return self.title_inputs[self.sample.item_seq], self.sample.mask()
 
 
-def _last(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    return states[torch.arange(len(states)), lengths - 1]
+def run_pretraining_hooks(llm, data: HookData, settings: HookSettings, cache: StageCache,
+                          out_dir: Path | None) -> CompactBackbone:
+    """Importance, selection and distillation on ``llm`` (the loaded source model); returns the compact
+    backbone to train."""
+    full = CompactBackbone(llm, list(range(llm.config.num_hidden_layers))).requires_grad_(False)
+    world = rank_and_world()[1]
+    if world > 1:
+        logger.info(f"Pre-training hooks run data-parallel over {world} processes.")
+    out_dir = out_dir if is_main() else None
+    key = {"stage": "importance", "code": code_sha256(), **data.identity, "dtype": str(full.dtype),
+           "sample": data.sample.sha256(), "head": asdict(data.head), **asdict(settings.importance),
+           "tensors": tensors_sha256({"title_inputs": data.title_inputs, "title_prior": data.title_prior})}
+    importance, teacher = None, None
+    started = time.perf_counter()
+    if settings.needs_importance():
+        importance, teacher = _importance(full, data, settings.importance, cache, key, out_dir)
+    seconds = {"importance": time.perf_counter() - started}
+    key = {**key, "stage": "selection", **asdict(settings.selection)}
+    if settings.selection.searches():
+        key["proxy_samples"] = [sample.sha256() for sample in (data.proxy.train, data.proxy.valid) if sample]
+    selection = _selection(llm, data, settings, importance, cache, key)
+    seconds["selection"] = time.perf_counter() - started - seconds["importance"]
+    selected = selection["selected"]
+    if out_dir is not None:
+        write_atomic(out_dir / "selection.json", json.dumps(selection, indent=1))
+    logger.info(f"Selected layers ({selection['strategy']}): {selected} ({selection['stop_reason']})")
+
+    dist = settings.distill
+    compact = seeded_backbone(llm, selected, settings.importance.seed, dist.mlp_bridges, dist.bridge_rank)
+    if dist.distill_steps and any(bridge.kind != "identity" for bridge in compact.bridges):
+        key = {**key, "stage": "distill", "selected": selected, **asdict(dist)}
+        _distill(compact, full, data, settings, importance, teacher, cache, key, out_dir)
+    seconds["distillation"] = time.perf_counter() - started - seconds["importance"] - seconds["selection"]
+    logger.info("Pre-training hooks took " + ", ".join(f"{stage} {s:.1f} s" for stage, s in seconds.items())
+                + " (stage cache hits included)")
+    return compact
 
 
-def _final_states(backbone, inputs, mask, batch_size: int) -> torch.Tensor:
-    return _teacher_states(backbone, inputs, mask, batch_size, per_layer=False)["last"]
+def _importance(full: CompactBackbone, data: HookData, settings: ImportanceSettings, cache: StageCache,
+                key: dict, out_dir: Path | None) -> tuple[ImportanceResult, dict | None]:
+    """The importance of every layer (and the full model's states, when computed now rather than read
+    from the cache)."""
+    cached = from_main(lambda: cache.load_json("importance", key))
+    teacher = None
+    if cached is not None:
+        importance = ImportanceResult(**cached)
+        logger.info("Reusing layer importance from the stage cache.")
+    else:
+        head = _warmed_up_head(full, data, settings)
+        inputs, mask = data.inputs()
+        importance, teacher = compute_importance(
+            full, inputs, mask, lambda states, rows: sample_loss(head, data.sample, states, rows),
+            group_weights=settings.importance_group_weights, attention_top_k=settings.attention_top_k,
+            batch_size=settings.importance_batch_size)
+        if is_main():
+            cache.save_json("importance", key, importance.to_json())
+    if out_dir is not None:
+        report = {**importance.to_json(), "settings": key, "sample_users": len(data.sample)}
+        write_atomic(out_dir / "importance.json", json.dumps(report, indent=1))
+        plot_importance_heatmap(importance, out_dir / "importance.png",
+                                title=f"{Path(key['llm']['path']).name} on {key['dataset']}")
+    logger.info(f"Fused layer importance (most important first): {importance.ranking}")
+    return importance, teacher
+
+
+def _warmed_up_head(full: CompactBackbone, data: HookData,
+                    settings: ImportanceSettings) -> CompactRecommender:
+    """A fresh head (seeded) trained on the full model's states of the sample, so that the importance loss
+    is a recommender's loss, not a random head's; returned in eval mode (no dropout)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        head = CompactRecommender(full, data.title_inputs, data.title_prior, data.head)
+        states = _states(full, *data.inputs(), settings.importance_batch_size)["last"]
+        warm_up = AdaptSettings(settings.importance_warmup_steps, settings.learning_rate * 10,
+                                settings.importance_batch_size, settings.seed)
+        adapt(head, data.sample, states, warm_up)
+    broadcast_parameters(head, skip_prefix="backbone.")  # GPU kernels may differ by a bit between processes
+    return head
+
+
+def _selection(llm, data: HookData, settings: HookSettings, importance: ImportanceResult | None,
+               cache: StageCache, key: dict) -> dict:
+    sel = settings.selection
+    if not sel.searches():
+        layers = select_layers(llm.config.num_hidden_layers, selected_layers=sel.selected_layers,
+                               strategy=sel.layer_strategy, num_layers=sel.num_layers,
+                               seed=settings.importance.seed, importance=importance)
+        reason = "given" if sel.selected_layers is not None else "strategy"
+        return {"strategy": sel.layer_strategy, "selected": layers, "stop_reason": reason, "trajectory": []}
+
+    def search() -> dict:
+        cached = cache.load_json("selection", key)
+        if cached is not None:
+            logger.info("Reusing the greedy selection from the stage cache.")
+            return cached
+        proxy = _proxy(llm, data, settings)
+
+        def evaluate(layers: list[int]) -> float:
+            score = proxy(layers)
+            logger.info(f"Greedy proxy ({sel.selection_proxy}) {layers}: valid NDCG@10 {score:.4f}")
+            return score
+
+        result = greedy_select(
+            importance.ranking, evaluate, target_k=sel.num_layers, candidates=sel.selection_candidates,
+            beam_width=sel.selection_beam_width, patience=sel.selection_patience,
+            min_gain=sel.selection_min_gain, max_evaluations=sel.selection_max_evaluations,
+            max_seconds=sel.selection_max_seconds)
+        selection = {"strategy": "importance", **result.to_json()}
+        cache.save_json("selection", key, selection)
+        return selection
+
+    # One process searches (the proxy's encodings and adaptation are not shared out); the others take its
+    # result, so every process keeps the same layers.
+    return from_main(search)
+
+
+def _proxy(llm, data: HookData, settings: HookSettings):
+    sel, dist, seed = settings.selection, settings.distill, settings.importance.seed
+    bridges = {"mlp_bridges": dist.mlp_bridges, "bridge_rank": dist.bridge_rank}
+    if sel.selection_proxy == "content":
+        return ContentNDCG(llm, data.proxy, seed, **bridges)
+    adapt_settings = AdaptSettings(sel.selection_adapt_steps, settings.importance.learning_rate * 10,
+                                   sel.selection_batch_size, seed)
+    return AdaptedNDCG(llm, data.proxy, adapt_settings, **bridges)
+
+
+def _distill(compact: CompactBackbone, full: CompactBackbone, data: HookData, settings: HookSettings,
+             importance: ImportanceResult | None, teacher: dict | None, cache: StageCache, key: dict,
+             out_dir: Path | None) -> None:
+    """Train ``compact``'s bridges to reproduce the full model's states (from the cache when it can)."""
+    dist = settings.distill
+    bridges, report = from_main(lambda: (cache.load_tensors("distill", key), cache.load_json("distill", key)))
+    if bridges is not None and report is not None:
+        compact.bridges.load_state_dict(bridges)
+        logger.info("Reusing distilled bridges from the stage cache.")
+    else:
+        if dist.distill_layerwise and importance is None:
+            raise LayerSelError(
+                "distill_layerwise=True weights layers by Fisher importance and needs the importance "
+                "pass; use layer_strategy=importance (or block_influence, contiguous, magnitude), or set "
+                "distill_layerwise=False."
+            )
+        inputs, mask = data.inputs()
+        if teacher is None or (dist.distill_layerwise and "per_layer" not in teacher):
+            teacher = _states(full, inputs, mask, settings.importance.importance_batch_size,
+                              per_layer=dist.distill_layerwise)
+        fisher = importance.normalised["fisher"] if dist.distill_layerwise else None
+        report = distill_bridges(
+            compact, inputs, mask, teacher["last"],
+            teacher_per_layer=teacher["per_layer"] if dist.distill_layerwise else None,
+            layer_weights={i: fisher[i] for i in compact.selected_layers} if dist.distill_layerwise else None,
+            reg_lambda=dist.distill_reg_lambda, steps=dist.distill_steps, lr=dist.distill_lr,
+            batch_size=settings.importance.importance_batch_size, seed=settings.importance.seed).to_json()
+        if is_main():
+            cache.save_tensors("distill", key, compact.bridges.state_dict())
+            cache.save_json("distill", key, report)
+    if out_dir is not None:
+        write_atomic(out_dir / "distillation.json", json.dumps(report, indent=1))
+    logger.info(f"Distillation fidelity (held-out): before {report['before']}, after {report['after']}")
 
 
 @torch.no_grad()
-def _teacher_states(backbone, inputs, mask, batch_size: int, per_layer: bool) -> dict[str, torch.Tensor]:
+def _states(backbone, inputs, mask, batch_size: int, per_layer: bool = False) -> dict[str, torch.Tensor]:
     """The backbone's final states (N, T, H) and, with ``per_layer`` (layer-wise distillation), every
     layer's output (L, N, T, H), as ``compute_importance`` returns them; data-parallel over a process
     group. Per-layer outputs are L times the memory: only kept when asked."""
@@ -119,35 +315,6 @@ def _teacher_states(backbone, inputs, mask, batch_size: int, per_layer: bool) ->
     return {name: all_reduce_sum(tensor) for name, tensor in states.items()}
 
 
-def head_scores(compact, sample: SequenceSample, states: torch.Tensor, rows=slice(None)) -> torch.Tensor:
-    """Scores of every item after the histories of ``sample`` (or its ``rows``), read by the head from
-    the backbone ``states`` (B, T, H) of those rows."""
-    item_vectors = compact.item_vectors()
-    return compact(sample.item_seq[rows], sample.lengths[rows], states, item_vectors) @ item_vectors.T
-
-
-def warm_up_heads(compact, states: torch.Tensor, sample: SequenceSample, steps: int, lr: float) -> None:
-    """Train the heads (everything but the backbone) on fixed full-model states, so the importance
-    loss is the loss of a recommender, not of random heads; they are left in eval mode (no dropout), in
-    which the importance pass and the proxy read them."""
-    heads = [p for name, p in compact.named_parameters() if not name.startswith("backbone.")]
-    optimizer = torch.optim.Adam(heads, lr=lr)
-    compact.train()
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(head_scores(compact, sample, states), sample.targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    compact.eval()
-
-
-def _ndcg_at_10(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    target_scores = scores.gather(1, targets.unsqueeze(1))
-    rank = (scores > target_scores).sum(1)
-    gains = torch.where(rank < 10, 1 / torch.log2(rank.float() + 2), torch.zeros(rank.shape))
-    return float(gains.mean())
-
-
 def artifacts_dir(config) -> Path | None:
     """``artifacts_dir`` from the config, else a folder named after RecBole's log file, beside it."""
     if config["artifacts_dir"]:
@@ -157,200 +324,3 @@ def artifacts_dir(config) -> Path | None:
         if isinstance(handler, logging.FileHandler) and handler.baseFilename != os.devnull:
             return Path(handler.baseFilename).with_suffix("")
     return None
-
-
-@dataclass(frozen=True)
-class ImportanceSettings(StageSettings):
-    seed: int
-    learning_rate: float  # the heads warm up at ten times the training rate
-    importance_sample_users: int
-    importance_max_items: int
-    importance_batch_size: int
-    importance_warmup_steps: int
-    importance_weights: dict | None
-    attention_top_k: int
-    llm_quantization: str | None
-
-
-@dataclass(frozen=True)
-class SelectionSettings(StageSettings):
-    layer_strategy: str
-    selected_layers: list | None
-    num_layers: int
-    selection_proxy: str
-    selection_sample_users: int
-    selection_patience: int
-    selection_min_gain: float
-    selection_max_evaluations: int | None
-    selection_max_seconds: float | None
-
-
-@dataclass(frozen=True)
-class DistillSettings(StageSettings):
-    distill_steps: int
-    distill_lr: float
-    distill_reg_lambda: float
-    distill_layerwise: bool
-    mlp_bridges: bool
-    bridge_rank: int | None
-
-
-def seeded_backbone(llm, selected: list[int], seed: int, mlp_bridges: bool, bridge_rank) -> CompactBackbone:
-    """The compact backbone with bridges initialised from ``seed``, not from the global random state
-    (which the stages before it consume differently on a cache hit and a miss); the global state is
-    left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return CompactBackbone(llm, selected, mlp_bridges=mlp_bridges, bridge_rank=bridge_rank)
-
-
-def run_pretraining_hooks(model, llm, train_data, valid_data) -> CompactBackbone:
-    """Importance, selection and distillation for ``model`` (a LayerSelLLM still holding the full
-    backbone); returns the compact backbone to train. ``llm`` is the loaded source model."""
-    config, compact_model = model.config, model.compact
-    full = compact_model.backbone
-    total = full.num_source_layers
-    imp, sel, dist = (settings.from_config(config)
-                      for settings in (ImportanceSettings, SelectionSettings, DistillSettings))
-    strategy, explicit = sel.layer_strategy, sel.selected_layers
-    # Under a process group every process computes the same results; the first one writes them.
-    writes = is_main()
-    world = rank_and_world()[1]
-    if world > 1:
-        logger.info(f"Pre-training hooks run data-parallel over {world} processes.")
-    out_dir = artifacts_dir(config) if writes else None
-    cache = StageCache(model.cache_dir)
-    batch_size = imp.importance_batch_size
-
-    sample = sample_sequences(model, train_data, imp.importance_sample_users, imp.importance_max_items,
-                              imp.seed, "importance_sample_users")
-    inputs = compact_model.title_inputs[sample.item_seq]
-    mask = (sample.item_seq != 0).long()
-    # What every stage reads: the model's weights (by file), the code, the sample, and the fixed and
-    # initial tensors of the recommender (title embeddings in the backbone's dtype, heads) and the head's
-    # settings (its dropout and attention heads change no tensor).
-    read = {name: tensor for name, tensor in compact_model.state_dict().items()
-            if not name.startswith("backbone.")}
-    importance_key = {"stage": "importance", "code": code_sha256(), "llm": model.llm_fingerprint,
-                      "dtype": str(full.dtype), "sample": sample.sha256(), "tensors": tensors_sha256(read),
-                      "head": asdict(compact_model.head_config), **asdict(imp)}
-
-    # The warm-up below trains the heads; every strategy must start RecBole's training from the same
-    # heads, so they are put back at the end.
-    initial_heads = {name: p.detach().clone() for name, p in compact_model.named_parameters()
-                     if not name.startswith("backbone.")}
-    needs_importance = explicit is None and strategy not in DATA_FREE_STRATEGIES
-    importance, teacher = None, None
-    if needs_importance:
-        cached = from_main(lambda: cache.load_json("importance", importance_key))
-        # One no-grad pass gives the warm-up states and, should importance come from the cache, the
-        # teacher that distillation needs; otherwise the importance pass below returns the teacher.
-        teacher = _teacher_states(full, inputs, mask, batch_size,
-                                  per_layer=cached is not None and dist.distill_layerwise)
-        warm_up_heads(compact_model, teacher["last"], sample, imp.importance_warmup_steps,
-                      imp.learning_rate * 10)
-        broadcast_parameters(compact_model, skip_prefix="backbone.")  # GPU kernels may differ by a bit
-        if cached is not None:
-            importance = ImportanceResult(**cached)
-            logger.info("Reusing layer importance from the stage cache.")
-        else:
-            def rec_loss(states, rows):
-                return nn.functional.cross_entropy(head_scores(compact_model, sample, states, rows),
-                                                   sample.targets[rows])
-
-            importance, teacher = compute_importance(
-                full, inputs, mask, rec_loss, weights=imp.importance_weights,
-                attention_top_k=imp.attention_top_k, batch_size=batch_size)
-            if writes:
-                cache.save_json("importance", importance_key, importance.to_json())
-        if out_dir is not None:
-            report = {**importance.to_json(), "settings": importance_key, "sample_users": len(sample.users)}
-            write_atomic(out_dir / "importance.json", json.dumps(report, indent=1))
-            plot_importance_heatmap(importance, out_dir / "importance.png",
-                                    title=f"{model.llm_path} on {config['dataset']}")
-        logger.info(f"Fused layer importance (most important first): {importance.ranking}")
-
-    if dist.distill_steps and teacher is None:  # full-model states, taken before any compact model is built
-        # Layer-wise distillation needs importance, so this teacher never needs per-layer outputs.
-        teacher = _teacher_states(full, inputs, mask, batch_size, per_layer=False)
-    selection_key = {**importance_key, "stage": "selection", **asdict(sel)}
-    if strategy == "importance" and explicit is None:
-        valid_sample = sample_sequences(model, valid_data, sel.selection_sample_users,
-                                        imp.importance_max_items, imp.seed + 1, "selection_sample_users")
-        selection_key["valid_sample"] = valid_sample.sha256()
-        selection = from_main(lambda: cache.load_json("selection", selection_key))
-        if selection is None:
-            selection = _greedy(compact_model, llm, full, valid_sample, sel, batch_size,
-                                importance.ranking).to_json()
-            if writes:
-                cache.save_json("selection", selection_key, selection)
-    else:
-        selection = {"selected": select_layers(total, selected_layers=explicit, strategy=strategy,
-                                               num_layers=sel.num_layers, seed=imp.seed,
-                                               importance=importance),
-                     "stop_reason": "given" if explicit is not None else "strategy", "trajectory": []}
-    selected = selection["selected"]
-    if out_dir is not None:
-        write_atomic(out_dir / "selection.json", json.dumps({"strategy": strategy, **selection}, indent=1))
-    logger.info(f"Selected layers ({strategy}): {selected} ({selection['stop_reason']})")
-
-    compact = seeded_backbone(llm, selected, imp.seed, dist.mlp_bridges, dist.bridge_rank)
-    if dist.distill_steps and any(bridge.kind != "identity" for bridge in compact.bridges):
-        distill_key = {**selection_key, "stage": "distill", "selected": selected, **asdict(dist)}
-        bridges, report = from_main(lambda: (cache.load_tensors("distill", distill_key),
-                                             cache.load_json("distill", distill_key)))
-        if bridges is None or report is None:
-            if dist.distill_layerwise and importance is None:
-                raise LayerSelError(
-                    "distill_layerwise=True weights layers by Fisher importance and needs the importance "
-                    "pass; use layer_strategy=importance (or block_influence, contiguous, magnitude), or set "
-                    "distill_layerwise=False."
-                )
-            fisher = importance.normalised["fisher"] if dist.distill_layerwise else None
-            report = distill_bridges(
-                compact, inputs, mask, teacher["last"],
-                teacher_per_layer=teacher["per_layer"] if dist.distill_layerwise else None,
-                layer_weights={i: fisher[i] for i in selected} if dist.distill_layerwise else None,
-                reg_lambda=dist.distill_reg_lambda, steps=dist.distill_steps, lr=dist.distill_lr,
-                batch_size=batch_size, seed=imp.seed).to_json()
-            if writes:
-                cache.save_tensors("distill", distill_key, compact.bridges.state_dict())
-                cache.save_json("distill", distill_key, report)
-        else:
-            compact.bridges.load_state_dict(bridges)
-            logger.info("Reusing distilled bridges from the stage cache.")
-        if out_dir is not None:
-            write_atomic(out_dir / "distillation.json", json.dumps(report, indent=1))
-        logger.info(f"Distillation fidelity (held-out): before {report['before']}, after {report['after']}")
-    with torch.no_grad():
-        for name, parameter in compact_model.named_parameters():
-            if name in initial_heads:
-                parameter.copy_(initial_heads[name])
-    return compact
-
-
-def _greedy(compact_model, llm, full, sample: SequenceSample, settings: SelectionSettings, batch_size: int,
-            ranking: list[int]):
-    """Greedy selection with the configured proxy on a validation sample."""
-    proxy = settings.selection_proxy
-    if proxy not in PROXIES:
-        raise LayerSelError(f"selection_proxy={proxy!r}; use one of {PROXIES}.")
-    inputs = compact_model.title_inputs[sample.item_seq]
-    mask = (sample.item_seq != 0).long()
-    full_last = None  # the ndcg proxy needs no full-model states
-    if proxy == "fidelity":
-        full_last = _last(_final_states(full, inputs, mask, batch_size), sample.lengths)
-
-    @torch.no_grad()
-    def evaluate(layers: list[int]) -> float:
-        states = _final_states(CompactBackbone(llm, layers), inputs, mask, batch_size)
-        if proxy == "fidelity":
-            last = _last(states, sample.lengths)
-            return float(nn.functional.cosine_similarity(last, full_last, dim=-1).mean())
-        return _ndcg_at_10(head_scores(compact_model, sample, states), sample.targets)
-
-    return greedy_select(ranking, evaluate, target_k=settings.num_layers,
-                         patience=settings.selection_patience, min_gain=settings.selection_min_gain,
-                         max_evaluations=settings.selection_max_evaluations,
-                         max_seconds=settings.selection_max_seconds,
-                         clock=lambda: main_value(time.perf_counter()))  # one time budget for all

@@ -1,13 +1,13 @@
 """Per-layer importance of a full LLM on the recommendation task, fused into one ranking of its layers.
 
-`compute_importance` runs the full model (a `CompactBackbone` holding every layer) once over a sample of
-user histories, in mini-batches, and measures each layer by nine criteria. Each has a direction: +1 if a
-higher raw value means a more important layer, -1 if a lower one does.
+`compute_importance` measures each layer of the full model (a `CompactBackbone` holding every layer) on a
+sample of user histories by nine criteria. Each has a direction: +1 if a higher raw value means a more
+important layer, -1 if a lower one does.
 
-- ``fisher`` (+1): diagonal empirical Fisher information. The squared gradient of the recommendation loss
-  with respect to every parameter of the layer, averaged over mini-batches, then averaged over the layer's
-  parameters (normalised per parameter, so wide and narrow layers compare). The loss is sensitive to
-  layers with a large Fisher.
+- ``fisher`` (+1): diagonal empirical Fisher information. For every sample row on its own, the squared
+  gradient of that row's recommendation loss with respect to every parameter of the layer, summed over
+  the layer's parameters; the mean over rows, divided by the layer's parameter count (so wide and narrow
+  layers compare). The loss is sensitive to layers with a large Fisher.
 - ``attention_entropy`` (-1): mean entropy (nats) of the attention distribution of a query over the keys,
   over heads and valid (non-padding) queries. Focused, low-entropy attention does specific work; a
   near-uniform one mostly averages.
@@ -26,9 +26,15 @@ higher raw value means a more important layer, -1 if a lower one does.
   same idea on an angular scale in [0, 1].
 
 h_in is a layer's input, h_out its output (before the final norm). Only valid (non-padding) positions
-enter any statistic. To fuse, every criterion is turned so that higher means more important (multiplied
-by its direction), min-max scaled to [0, 1] over layers, and combined with weights that sum to 1; layers
-are ranked by the fused score. Besides the criteria the result holds the angular distance between the
+enter any statistic.
+
+Fusion works on ranks, not values, so one outlying layer cannot squeeze every other layer's scores
+together. Each criterion is multiplied by its direction and replaced by its rank over layers scaled to
+[0, 1] (lowest 0, highest 1, ties share their average rank). Criteria that measure the same thing move
+together across layers, so they are grouped (`GROUPS`) and each group counts once: a group's score is the
+mean of its criteria's scaled ranks, the fused score the weighted sum of the group scores (group weights
+summing to 1), and layers are ranked by the fused score. The result also holds Spearman's rank
+correlation between the criteria over layers (how far they agree), the angular distance between the
 input of layer l and the output of every later layer m (for dropping the best contiguous block, as in
 Gromov et al.) and each layer's mean absolute weight (a data-free "magnitude" baseline).
 
@@ -41,15 +47,19 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy.stats import rankdata
 
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.distributed import all_reduce_sum, my_batches
@@ -68,8 +78,27 @@ CRITERIA: dict[str, int] = {
     "angular_distance": +1,
 }
 
+# What each group measures; every criterion is in exactly one group.
+GROUPS: dict[str, tuple[str, ...]] = {
+    # The only signal from the task's gradient.
+    "fisher": ("fisher",),
+    # How much the layer changes the residual stream.
+    "change": ("norm_growth", "block_influence", "angular_distance"),
+    # The size of the layer's outputs: their spread and their outlier features.
+    "activations": ("activation_variance", "activation_kurtosis"),
+    # How many directions the layer's outputs use; a group of its own, as it orders SmolLM2's layers
+    # against the two above (rank correlation -0.83 and -1.00 on ml-100k), and their mean would cancel.
+    "output_rank": ("effective_rank",),
+    # How focused the layer's attention is.
+    "attention": ("attention_entropy", "attention_topk_mass"),
+}
+
+_GROUPS_HELP = "; ".join(f"{group} = {' + '.join(criteria)}" for group, criteria in GROUPS.items())
+
 # Keeps ratios finite for an all-zero input vector; far below any real activation norm.
 _TINY_NORM = 1e-12
+_TOKEN_CRITERIA = ("norm_growth", "activation_variance", "block_influence")
+_ATTENTION_CRITERIA = ("attention_entropy", "attention_topk_mass")
 
 
 @dataclass
@@ -77,10 +106,13 @@ class ImportanceResult:
     """Per-layer scores; every per-layer list is indexed by the layer's original index."""
 
     raw: dict[str, list[float]]  # criterion -> value per layer, in the criterion's own units
-    normalised: dict[str, list[float]]  # direction applied, then min-max scaled to [0, 1] over layers
-    weights: dict[str, float]  # fusion weight per criterion, summing to 1
-    fused: list[float]  # weighted sum of the normalised scores, in [0, 1]
+    normalised: dict[str, list[float]]  # direction applied, then ranks over layers scaled to [0, 1]
+    groups: dict[str, list[str]]  # group -> its criteria (GROUPS)
+    group_weights: dict[str, float]  # fusion weight per group, summing to 1
+    group_scores: dict[str, list[float]]  # group -> mean of its criteria's scaled ranks, per layer
+    fused: list[float]  # weighted sum of the group scores, in [0, 1]
     ranking: list[int]  # layer indices, most important first; the lower index first among equals
+    correlation: dict[str, dict[str, float]]  # criterion -> criterion -> Spearman's rho over layers
     # D[l][m], m >= l: mean angular distance (in [0, 1]) between the input of layer l and the output of
     # layer m; 0.0 below the diagonal. D[l][l] is raw["angular_distance"][l].
     angular_distance_matrix: list[list[float]]
@@ -90,23 +122,46 @@ class ImportanceResult:
         """All fields as plain dicts, lists, floats and ints (ready for json.dump)."""
         return asdict(self)
 
+    @classmethod
+    def fused_from(cls, raw: dict[str, list[float]], group_weights: Mapping[str, float] | None,
+                   angular_distance_matrix: list[list[float]],
+                   weight_magnitude: list[float]) -> ImportanceResult:
+        """The result of fusing ``raw`` with ``group_weights`` (``fuse_scores``), correlations included."""
+        group_weights = validate_group_weights(group_weights)
+        fusion = fuse_scores(raw, group_weights)
+        return cls(raw=raw, normalised=fusion.normalised,
+                   groups={group: list(criteria) for group, criteria in GROUPS.items()},
+                   group_weights=group_weights, group_scores=fusion.group_scores, fused=fusion.fused,
+                   ranking=fusion.ranking, correlation=rank_correlation(raw),
+                   angular_distance_matrix=angular_distance_matrix, weight_magnitude=weight_magnitude)
 
-def validate_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
-    """Fusion weights over all of CRITERIA, normalised to sum 1.
 
-    None gives every criterion the same weight; criteria not named get weight 0.
+class Fusion(NamedTuple):
+    """What `fuse_scores` derives from raw scores (fields as in ImportanceResult)."""
+
+    normalised: dict[str, list[float]]
+    group_scores: dict[str, list[float]]
+    fused: list[float]
+    ranking: list[int]
+
+
+def validate_group_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Fusion weights over all of GROUPS, normalised to sum 1.
+
+    None gives every group the same weight; groups not named get weight 0.
     """
     if weights is None:
-        return dict.fromkeys(CRITERIA, 1.0 / len(CRITERIA))
+        return dict.fromkeys(GROUPS, 1.0 / len(GROUPS))
     if not isinstance(weights, Mapping):
         raise LayerSelError(
-            f"importance weights must be a mapping criterion -> weight, got {weights!r}; "
-            f"e.g. {{'fisher': 1.0, 'block_influence': 1.0}} with criteria from {', '.join(CRITERIA)}."
+            f"importance group weights must be a mapping group -> weight, got {weights!r}; "
+            f"e.g. {{'fisher': 1.0, 'change': 1.0}} with groups from {_GROUPS_HELP}."
         )
-    unknown = [name for name in weights if name not in CRITERIA]
+    unknown = [name for name in weights if name not in GROUPS]
     if unknown:
         raise LayerSelError(
-            f"unknown importance criteria {unknown}; weights may only name {', '.join(CRITERIA)}."
+            f"unknown importance groups {unknown}; group weights may only name {', '.join(GROUPS)} "
+            f"(weight groups of criteria, not single criteria: {_GROUPS_HELP})."
         )
     invalid = {
         name: weight
@@ -115,36 +170,61 @@ def validate_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
     }
     if invalid:
         raise LayerSelError(
-            f"importance weights must be finite numbers >= 0, got {invalid}; use 0 to leave a criterion out."
+            f"importance group weights must be finite numbers >= 0, got {invalid}; use 0 to leave a group "
+            f"out (groups: {', '.join(GROUPS)})."
         )
     total = sum(weights.values())
     if not total > 0:
         raise LayerSelError(
-            f"importance weights {dict(weights)} sum to {total}; give at least one criterion a weight > 0."
+            f"importance group weights {dict(weights)} sum to {total}; give at least one of the groups "
+            f"{', '.join(GROUPS)} a weight > 0."
         )
-    return {name: float(weights.get(name, 0.0)) / total for name in CRITERIA}
+    return {name: float(weights.get(name, 0.0)) / total for name in GROUPS}
 
 
 def fuse_scores(
-    raw: Mapping[str, list[float]], weights: Mapping[str, float] | None = None
-) -> tuple[dict[str, list[float]], list[float], list[int]]:
-    """(normalised, fused, ranking) from per-layer raw criterion values.
+    raw: Mapping[str, list[float]], group_weights: Mapping[str, float] | None = None
+) -> Fusion:
+    """(normalised, group_scores, fused, ranking) from per-layer raw criterion values.
 
-    normalised[c]: the values times CRITERIA[c], min-max scaled to [0, 1] over layers (all 0 if all equal).
-    fused[l]: sum over criteria of weight * normalised value. ranking: layer indices by descending fused
-    score, the lower index first among equals. `raw` may hold a subset of CRITERIA if `weights` gives
-    the missing ones weight 0.
+    normalised[c]: the values times CRITERIA[c], ranked over layers (ties share their average rank) and
+    scaled to [0, 1] by (rank - 1) / (L - 1): lowest 0, highest 1, all equal 0.5 (so a constant criterion
+    moves no layer), a single layer 0. group_scores[g]: the mean of its criteria's scaled ranks, for every
+    group whose criteria are all in `raw`. fused[l]: sum over groups of weight * group score. ranking:
+    layer indices by descending fused score, the lower index first among equals. `raw` may lack the
+    criteria of groups with weight 0.
     """
-    weights = validate_weights(weights)
+    weights = validate_group_weights(group_weights)
+    _check_raw(raw, weights)
+    normalised = {name: _scaled_ranks([CRITERIA[name] * value for value in values])
+                  for name, values in raw.items()}
+    group_scores = {
+        group: np.mean([normalised[name] for name in criteria], axis=0).tolist()
+        for group, criteria in GROUPS.items()
+        if all(name in normalised for name in criteria)
+    }
+    num_layers = len(next(iter(raw.values())))
+    fused = [
+        sum(weight * group_scores[group][layer] for group, weight in weights.items() if weight > 0)
+        for layer in range(num_layers)
+    ]
+    ranking = sorted(range(num_layers), key=lambda layer: (-fused[layer], layer))
+    return Fusion(normalised, group_scores, fused, ranking)
+
+
+def _check_raw(raw: Mapping[str, list[float]], weights: Mapping[str, float]) -> None:
     unknown = [name for name in raw if name not in CRITERIA]
     if unknown:
         raise LayerSelError(
             f"unknown importance criteria {unknown} in raw scores; expected {', '.join(CRITERIA)}."
         )
-    missing = [name for name, weight in weights.items() if weight > 0 and name not in raw]
+    missing = {group: [name for name in GROUPS[group] if name not in raw]
+               for group, weight in weights.items() if weight > 0}
+    missing = {group: names for group, names in missing.items() if names}
     if missing:
         raise LayerSelError(
-            f"criteria {missing} have weight > 0 but no raw scores; add their scores or give them weight 0."
+            f"groups {list(missing)} have weight > 0 but raw scores lack their criteria {missing}; add "
+            "those scores or give the groups weight 0."
         )
     layer_counts = {name: len(values) for name, values in raw.items()}
     if len(set(layer_counts.values())) != 1 or 0 in layer_counts.values():
@@ -152,18 +232,35 @@ def fuse_scores(
             f"raw scores must hold one value per layer, the same number of layers (>= 1) for every "
             f"criterion; got these lengths: {layer_counts}."
         )
-    normalised = {name: _min_max([CRITERIA[name] * v for v in values]) for name, values in raw.items()}
-    num_layers = len(next(iter(raw.values())))
-    fused = [sum(weights[c] * normalised[c][layer] for c in normalised) for layer in range(num_layers)]
-    ranking = sorted(range(num_layers), key=lambda layer: (-fused[layer], layer))
-    return normalised, fused, ranking
+    not_finite = {name: values for name, values in raw.items() if not all(map(math.isfinite, values))}
+    if not_finite:
+        raise LayerSelError(
+            f"raw scores must be finite to be ranked, got {not_finite}; a NaN or infinite score means the "
+            "pass that measured it diverged (check the loss and the model's dtype)."
+        )
 
 
-def _min_max(values: list[float]) -> list[float]:
-    low, high = min(values), max(values)
-    if high == low:
-        return [0.0] * len(values)
-    return [(value - low) / (high - low) for value in values]
+def _scaled_ranks(values: list[float]) -> list[float]:
+    if len(values) == 1:
+        return [0.0]
+    return ((rankdata(values, method="average") - 1) / (len(values) - 1)).tolist()
+
+
+def rank_correlation(raw: Mapping[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Spearman's rho over layers between every two criteria in `raw`, direction applied (+1: they agree
+    on which layers matter). Where a criterion is constant over layers rho is undefined (NaN, which JSON
+    cannot hold); its row and column, diagonal included, are 0.0 instead.
+    """
+    names = list(raw)
+    ranks = np.array([_scaled_ranks([CRITERIA[name] * value for value in raw[name]]) for name in names])
+    centred = ranks - ranks.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1)
+    varies = norms > 0
+    units = np.divide(centred, norms[:, None], out=np.zeros_like(centred), where=varies[:, None])
+    rho = np.clip(units @ units.T, -1.0, 1.0)
+    np.fill_diagonal(rho, varies.astype(float))  # exactly 1, not 1 less a rounding error
+    return {first: {second: float(rho[i, j]) for j, second in enumerate(names)}
+            for i, first in enumerate(names)}
 
 
 def compute_importance(
@@ -172,7 +269,7 @@ def compute_importance(
     attention_mask: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
-    weights: Mapping[str, float] | None = None,
+    group_weights: Mapping[str, float] | None = None,
     attention_top_k: int = 4,
     batch_size: int = 16,
 ) -> tuple[ImportanceResult, dict[str, torch.Tensor]]:
@@ -181,152 +278,177 @@ def compute_importance(
     backbone: a CompactBackbone holding ALL layers of its source model (then it is the full model).
     inputs_embeds (N, T, H) and attention_mask (N, T) of 1/0, right-padded (each row's valid positions
     first). loss_fn(states, rows) -> scalar loss, where states (B, T, H) are the backbone's final states
-    (after the final norm) of the mini-batch and rows is a LongTensor, on the device of inputs_embeds, of
-    its row indices into the N rows (to look up histories and targets).
+    (after the final norm) of the batch and rows is a LongTensor, on the device of inputs_embeds, of its
+    row indices into the N rows (to look up histories and targets); it is called with one row at a time
+    (B = 1). group_weights: see `validate_group_weights`.
 
-    One pass in mini-batches of `batch_size`, shared out over the processes of a process group if
-    there is one (``distributed.py``: every sum and the teacher are all-reduced, so every process gets
-    the single-process result), with eager attention (for the probabilities) and the
-    backbone in eval mode (dropout would make every statistic random); the attention implementation,
-    train/eval modes and requires_grad flags are restored afterwards, also on error. Gradients are taken
-    with torch.autograd.grad for the layer parameters only, so no `.grad` is written anywhere (not
-    even on parameters the loss_fn closure uses).
+    Two passes, both shared out over the processes of a process group if there is one
+    (``distributed.py``: every sum and the teacher are all-reduced, so every process gets the
+    single-process result), with the backbone in eval mode (dropout would make every statistic random):
+    the Fisher pass runs every row alone (a batch of one, B = 1) with gradients; the statistics pass runs
+    mini-batches of `batch_size` without gradients and with eager attention (for the probabilities). The
+    attention implementation, train/eval modes and requires_grad flags are restored afterwards, also on
+    error. Gradients are taken with torch.autograd.grad for the layer parameters only, so no `.grad` is
+    written anywhere (not even on parameters the loss_fn closure uses).
 
     Returns (result, teacher) with teacher = {"last": (N, T, H) final states after the final norm,
     "per_layer": (L, N, T, H) each layer's output before the final norm}, detached, CPU float32.
     """
-    fusion_weights = validate_weights(weights)  # fail on bad weights before the expensive pass
+    weights = validate_group_weights(group_weights)  # fail on bad weights before the expensive passes
     _check_positive_int("attention_top_k", attention_top_k)
     _check_positive_int("batch_size", batch_size)
     _check_inputs(backbone, inputs_embeds, attention_mask)
 
-    layers = list(backbone.layers)
-    num_layers = len(layers)
-    num_rows, seq_len, hidden_size = inputs_embeds.shape
-    layer_params = [list(layer.parameters()) for layer in layers]
-    params = [param for layer in layer_params for param in layer]
-    param_layers = torch.tensor([index for index, layer in enumerate(layer_params) for _ in layer])
-    device, dtype = params[0].device, backbone.dtype
+    layer_params = [list(layer.parameters()) for layer in backbone.layers]
+    with _measuring(backbone, [param for layer in layer_params for param in layer]):
+        fisher = _per_example_fisher(backbone, inputs_embeds, attention_mask, loss_fn, layer_params)
+        criteria, distances, teacher = _statistics_pass(
+            backbone, inputs_embeds, attention_mask, attention_top_k, batch_size
+        )
+    return _assemble({"fisher": fisher, **criteria}, distances, layer_params, weights), teacher
 
-    fisher_sums = torch.zeros(num_layers, dtype=torch.float64)
-    token_sums = {
-        name: torch.zeros(num_layers, dtype=torch.float64)
-        for name in ("norm_growth", "activation_variance", "block_influence")
-    }
-    distance_sums = torch.zeros(num_layers, num_layers, dtype=torch.float64)
-    attention_sums = {
-        name: torch.zeros(num_layers, dtype=torch.float64)
-        for name in ("attention_entropy", "attention_topk_mass")
-    }
-    attention_rows = torch.zeros(num_layers, dtype=torch.float64)  # valid queries x heads, per layer
-    num_tokens = num_batches = 0
-    teacher = {
-        "last": torch.zeros(num_rows, seq_len, hidden_size),
-        "per_layer": torch.zeros(num_layers, num_rows, seq_len, hidden_size),
-    }
 
-    layer_inputs: list[torch.Tensor | None] = [None] * num_layers
-
-    def input_recorder(index: int):
-        def record_input(_module, args):
-            layer_inputs[index] = args[0].detach()
-
-        return record_input
-
+@contextmanager
+def _measuring(backbone: CompactBackbone, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """The backbone in eval mode (dropout would make every statistic random) and `params` requiring
+    gradients; train/eval modes and requires_grad flags are put back afterwards, also on error."""
     saved_requires_grad = [param.requires_grad for param in params]
     saved_training = {module: module.training for module in backbone.modules()}
-    hooks = []
     try:
         backbone.eval()
         for param in params:
             param.requires_grad_(True)
-        hooks = [layer.register_forward_pre_hook(input_recorder(i)) for i, layer in enumerate(layers)]
-        with torch.enable_grad(), backbone.eager_attention():
-            for start, stop in my_batches(num_rows, batch_size):
-                batch_mask = attention_mask[start:stop].to(device)
-                batch_embeds = inputs_embeds[start:stop].detach().to(device=device, dtype=dtype)
-                last, per_layer, attentions = backbone(
-                    batch_embeds, batch_mask, output_hidden_states=True, output_attentions=True
-                )
-                rows = torch.arange(start, stop, device=inputs_embeds.device)
-                loss = loss_fn(last, rows)
-                if not (isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.requires_grad):
-                    raise LayerSelError(
-                        f"loss_fn must return a scalar tensor that depends on the states, got {loss!r}; "
-                        "return e.g. a cross-entropy over the items for these rows."
-                    )
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                no_grad = torch.zeros((), device=device)  # a parameter the loss does not depend on
-                squared_grads = torch.stack(
-                    [no_grad if grad is None else grad.float().pow(2).sum() for grad in grads]
-                )
-                fisher_sums.index_add_(0, param_layers, squared_grads.double().cpu())
-                num_batches += 1
-
-                batch_valid = batch_mask.bool()
-                inputs_valid = torch.stack([hidden[batch_valid] for hidden in layer_inputs]).float()
-                outputs_valid = torch.stack([hidden.detach()[batch_valid] for hidden in per_layer]).float()
-                for name, sums in _token_sums(inputs_valid, outputs_valid).items():
-                    token_sums[name] += sums
-                distance_sums += _distance_sums(inputs_valid, outputs_valid)
-                num_tokens += inputs_valid.shape[1]
-                for index, probs in enumerate(attentions):
-                    # One row per valid query and head: (valid queries, heads, keys).
-                    query_rows = probs.detach().float().transpose(1, 2)[batch_valid]
-                    entropy = torch.special.entr(query_rows).sum()
-                    top_mass = query_rows.topk(min(attention_top_k, seq_len), dim=-1).values.sum()
-                    attention_sums["attention_entropy"][index] += entropy.item()
-                    attention_sums["attention_topk_mass"][index] += top_mass.item()
-                    attention_rows[index] += query_rows.shape[0] * query_rows.shape[1]
-
-                teacher["last"][start:stop] = last.detach().float().cpu()
-                teacher["per_layer"][:, start:stop] = torch.stack(per_layer).detach().float().cpu()
+        yield
     finally:
-        for hook in hooks:
-            hook.remove()
         for param, requires_grad in zip(params, saved_requires_grad, strict=True):
             param.requires_grad_(requires_grad)
         for module, training in saved_training.items():
             module.training = training
 
-    # Each process filled its own rows of the teacher (zeros elsewhere): the sum is every row.
-    for sums in (fisher_sums, distance_sums, attention_rows, *token_sums.values(), *attention_sums.values(),
-                 *teacher.values()):
-        sums.copy_(all_reduce_sum(sums))
-    counts = all_reduce_sum(torch.tensor([num_tokens, num_batches], dtype=torch.float64))
-    num_tokens, num_batches = counts.tolist()
+
+def _per_example_fisher(backbone, inputs_embeds, attention_mask, loss_fn, layer_params) -> torch.Tensor:
+    """(L,) diagonal empirical Fisher per layer: the mean over rows of the squared gradient of that one
+    row's loss, summed over the layer's parameters, divided by their number.
+
+    Each row runs alone as a batch of one (its full padded length and its mask row). The squared gradient
+    of a mini-batch's loss would not do: the rows' gradients partly cancel before squaring, so it
+    measures the mean gradient, and shrinks as the batch grows. Rows are shared out over processes and
+    the sums all-reduced.
+    """
+    params = [param for layer in layer_params for param in layer]
+    param_layers = torch.tensor([index for index, layer in enumerate(layer_params) for _ in layer])
+    device, dtype = params[0].device, backbone.dtype
+    num_rows = inputs_embeds.shape[0]
+    squared_sums = torch.zeros(len(layer_params), dtype=torch.float64)
+    with torch.enable_grad():
+        for row, _ in my_batches(num_rows, 1):
+            states = backbone(inputs_embeds[row:row + 1].detach().to(device=device, dtype=dtype),
+                              attention_mask[row:row + 1].to(device))
+            loss = loss_fn(states, torch.tensor([row], device=inputs_embeds.device))
+            _check_loss(loss)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            unused = torch.zeros((), device=device)  # the gradient of a parameter the loss does not use
+            squared = torch.stack([unused if grad is None else grad.float().pow(2).sum() for grad in grads])
+            squared_sums.index_add_(0, param_layers, squared.double().cpu())
+    param_counts = torch.tensor([sum(param.numel() for param in layer) for layer in layer_params])
+    return all_reduce_sum(squared_sums) / num_rows / param_counts
+
+
+def _check_loss(loss) -> None:
+    if not (isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.requires_grad):
+        raise LayerSelError(
+            f"loss_fn must return a scalar tensor that depends on the states, got {loss!r}; "
+            "return e.g. a cross-entropy over the items for these rows."
+        )
+
+
+def _statistics_pass(backbone, inputs_embeds, attention_mask, attention_top_k, batch_size):
+    """(criteria, distances, teacher): every criterion but the Fisher as an (L,) tensor, the (L, L)
+    angular distance matrix and the teacher states, from one batched pass without gradients."""
+    sums, teacher = _batched_sums(backbone, inputs_embeds, attention_mask, attention_top_k, batch_size)
+    criteria = {name: sums[name] / sums["tokens"] for name in _TOKEN_CRITERIA}
+    criteria |= {name: sums[name] / sums["attention_rows"] for name in _ATTENTION_CRITERIA}
+    distances = sums["angular_distance_matrix"] / sums["tokens"]
+    criteria["angular_distance"] = distances.diagonal()
+    device = next(backbone.layers.parameters()).device
     valid = attention_mask.bool().cpu()
     output_statistics = [_output_statistics(outputs[valid].to(device)) for outputs in teacher["per_layer"]]
-    distances = distance_sums / num_tokens
-    param_counts = torch.tensor([sum(param.numel() for param in layer) for layer in layer_params])
-    raw_tensors = {
-        "fisher": fisher_sums / num_batches / param_counts,
-        "attention_entropy": attention_sums["attention_entropy"] / attention_rows,
-        "attention_topk_mass": attention_sums["attention_topk_mass"] / attention_rows,
-        "norm_growth": token_sums["norm_growth"] / num_tokens,
-        "activation_variance": token_sums["activation_variance"] / num_tokens,
-        "activation_kurtosis": torch.tensor([kurtosis for kurtosis, _ in output_statistics]),
-        "effective_rank": torch.tensor([rank for _, rank in output_statistics]),
-        "block_influence": token_sums["block_influence"] / num_tokens,
-        "angular_distance": distances.diagonal(),
+    criteria["activation_kurtosis"] = torch.tensor([kurtosis for kurtosis, _ in output_statistics])
+    criteria["effective_rank"] = torch.tensor([rank for _, rank in output_statistics])
+    return criteria, distances, teacher
+
+
+def _batched_sums(backbone, inputs_embeds, attention_mask, attention_top_k, batch_size):
+    """Per-layer sums over valid tokens (for attention: over valid queries x heads) with their counts,
+    and the teacher states, from mini-batches run with eager attention and no gradients; all summed over
+    processes."""
+    num_layers = len(backbone.layers)
+    num_rows, seq_len, hidden_size = inputs_embeds.shape
+    device, dtype = next(backbone.layers.parameters()).device, backbone.dtype
+    names = (*_TOKEN_CRITERIA, *_ATTENTION_CRITERIA, "attention_rows")
+    sums = {name: torch.zeros(num_layers, dtype=torch.float64) for name in names}
+    sums["angular_distance_matrix"] = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+    sums["tokens"] = torch.zeros((), dtype=torch.float64)
+    teacher = {
+        "last": torch.zeros(num_rows, seq_len, hidden_size),
+        "per_layer": torch.zeros(num_layers, num_rows, seq_len, hidden_size),
     }
+    with _recording_layer_inputs(backbone) as layer_inputs, torch.no_grad(), backbone.eager_attention():
+        for start, stop in my_batches(num_rows, batch_size):
+            batch_mask = attention_mask[start:stop].to(device)
+            last, per_layer, attentions = backbone(
+                inputs_embeds[start:stop].to(device=device, dtype=dtype), batch_mask,
+                output_hidden_states=True, output_attentions=True,
+            )
+            valid = batch_mask.bool()
+            inputs_valid = torch.stack([hidden[valid] for hidden in layer_inputs]).float()
+            outputs_valid = torch.stack([hidden[valid] for hidden in per_layer]).float()
+            batch_sums = {
+                **_token_sums(inputs_valid, outputs_valid),
+                **_attention_sums(attentions, valid, attention_top_k),
+                "angular_distance_matrix": _distance_sums(inputs_valid, outputs_valid),
+                "tokens": inputs_valid.shape[1],
+            }
+            for name, values in batch_sums.items():
+                sums[name] += values
+            teacher["last"][start:stop] = last.float().cpu()
+            teacher["per_layer"][:, start:stop] = torch.stack(per_layer).float().cpu()
+    # Each process filled its own rows of the teacher (zeros elsewhere): the sum is every row.
+    for tensor in (*sums.values(), *teacher.values()):
+        tensor.copy_(all_reduce_sum(tensor))
+    return sums, teacher
+
+
+@contextmanager
+def _recording_layer_inputs(backbone: CompactBackbone) -> Iterator[list[torch.Tensor | None]]:
+    """A list whose entry l is the input of layer l in the latest forward pass; the hooks that fill it are
+    removed afterwards, also on error."""
+    layer_inputs: list[torch.Tensor | None] = [None] * len(backbone.layers)
+
+    def recorder(index: int):
+        def record_input(_module, args):
+            layer_inputs[index] = args[0]
+
+        return record_input
+
+    hooks = [layer.register_forward_pre_hook(recorder(i)) for i, layer in enumerate(backbone.layers)]
+    try:
+        yield layer_inputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _assemble(raw_tensors, distances, layer_params, group_weights) -> ImportanceResult:
+    """The result from the per-layer criteria (tensors), the distance matrix and the layers' parameters."""
     raw = {name: raw_tensors[name].tolist() for name in CRITERIA}
-    normalised, fused, ranking = fuse_scores(raw, weights)
     with torch.no_grad():
-        absolute_sums = [
-            sum(param.abs().sum(dtype=torch.float64).item() for param in layer) for layer in layer_params
+        weight_magnitude = [
+            sum(param.abs().sum(dtype=torch.float64).item() for param in layer)
+            / sum(param.numel() for param in layer)
+            for layer in layer_params
         ]
-    weight_magnitude = (torch.tensor(absolute_sums, dtype=torch.float64) / param_counts).tolist()
-    result = ImportanceResult(
-        raw=raw,
-        normalised=normalised,
-        weights=fusion_weights,
-        fused=fused,
-        ranking=ranking,
-        angular_distance_matrix=distances.tolist(),
-        weight_magnitude=weight_magnitude,
-    )
-    return result, teacher
+    return ImportanceResult.fused_from(raw, group_weights, distances.tolist(), weight_magnitude)
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -426,35 +548,81 @@ def _output_statistics(outputs: torch.Tensor) -> tuple[float, float]:
     return kurtosis, math.exp(torch.special.entr(spectrum).sum().item())
 
 
+def _attention_sums(attentions, valid: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """Per-layer sums over valid queries and heads of the attention criteria, and how many there are;
+    attentions[l] is layer l's (B, heads, T, T) probabilities, valid the (B, T) mask."""
+    sums = {name: torch.zeros(len(attentions), dtype=torch.float64)
+            for name in (*_ATTENTION_CRITERIA, "attention_rows")}
+    for index, probs in enumerate(attentions):
+        query_rows = probs.float().transpose(1, 2)[valid]  # (valid queries, heads, keys)
+        top_mass = query_rows.topk(min(top_k, query_rows.shape[-1]), dim=-1).values.sum()
+        sums["attention_entropy"][index] = torch.special.entr(query_rows).sum().item()
+        sums["attention_topk_mass"][index] = top_mass.item()
+        sums["attention_rows"][index] = query_rows.shape[0] * query_rows.shape[1]
+    return sums
+
+
 def plot_importance_heatmap(result: ImportanceResult, path, title: str = "", *, num_marked: int = 8) -> None:
-    """Write a PNG heatmap of the normalised scores: one row per criterion plus a last "fused" row, one
-    column per layer; stars mark the `num_marked` top-ranked layers on the fused row.
+    """Write a PNG of two panels: `draw_importance` with stars on the `num_marked` top-ranked layers, and
+    the criteria's rank correlation matrix.
 
     Drawn with matplotlib's Agg canvas (no display, no pyplot state) and written atomically.
     """
-    rows = len(result.normalised) + 1
-    figure = Figure(figsize=(max(6.0, 2.5 + 0.3 * len(result.fused)), 1.5 + 0.4 * rows), layout="constrained")
+    num_rows = len(result.normalised) + len(result.group_scores) + 1
+    num_criteria = len(result.correlation)
+    scores_width = max(6.0, 3.5 + 0.3 * len(result.fused))
+    correlation_width = 2.5 + 0.45 * num_criteria
+    figure = Figure(figsize=(scores_width + correlation_width, 1.5 + 0.35 * max(num_rows, num_criteria + 4)),
+                    layout="constrained")
     FigureCanvasAgg(figure)  # renders through Agg: no display, and pyplot's global state is left alone
-    axes = figure.add_subplot()
+    scores_axes, correlation_axes = figure.subplots(1, 2, width_ratios=[scores_width, correlation_width])
     marked = result.ranking[:num_marked]
-    image = draw_importance(axes, result, marked, title)
-    axes.set_xlabel(f"layer (stars: top {len(marked)} by fused score)")
-    figure.colorbar(image, ax=axes, label="normalised importance")
+    scores_image = draw_importance(scores_axes, result, marked, title)
+    scores_axes.set_xlabel(f"layer (stars: top {len(marked)} by fused score)")
+    figure.colorbar(scores_image, ax=scores_axes, label="scaled rank over layers (1 = most important)")
+    # In group order, so that each group's block of (hopefully high) correlations lies on the diagonal.
+    by_group = [name for names in result.groups.values() for name in names if name in result.correlation]
+    correlation_image = _draw_correlation(correlation_axes, result.correlation, by_group)
+    figure.colorbar(correlation_image, ax=correlation_axes, label="Spearman's rho")
     save_figure(figure, Path(path))
 
 
 def draw_importance(axes, result: ImportanceResult, marked: list[int], title: str = ""):
-    """The heatmap on `axes` (criteria rows, a last fused row, one column per layer), stars on the fused
-    row at `marked`; returns the image for a colorbar."""
-    criteria = list(result.normalised)
-    rows = [result.normalised[name] for name in criteria] + [result.fused]
-    labels = [f"{name} (w={result.weights.get(name, 0.0):.2f})" for name in criteria] + ["fused"]
+    """The heatmap on `axes`, one column per layer: a row of scaled ranks per criterion (labelled with its
+    group), a row per group score (with its weight), a last fused row with stars at `marked`; returns
+    the image for a colorbar."""
+    criteria = [(group, name) for group, names in result.groups.items() for name in names
+                if name in result.normalised]
+    rows = [result.normalised[name] for _, name in criteria]
+    rows += [*result.group_scores.values(), result.fused]
+    labels = (
+        [f"{name} [{group}]" for group, name in criteria]
+        + [f"{group} group (w={result.group_weights[group]:.2f})" for group in result.group_scores]
+        + ["fused"]
+    )
     num_layers, fused_row = len(result.fused), len(rows) - 1
     image = axes.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     axes.scatter(marked, [fused_row] * len(marked), marker="*", s=90, c="white", edgecolors="black")
-    axes.axhline(fused_row - 0.5, color="white", linewidth=2)
+    for first_row in (len(criteria), fused_row):  # lines between criteria, group scores and fused score
+        axes.axhline(first_row - 0.5, color="white", linewidth=2)
     axes.set_xticks(range(num_layers), [str(layer) for layer in range(num_layers)], fontsize=7)
-    axes.set_yticks(range(len(rows)), labels)
+    axes.set_yticks(range(len(rows)), labels, fontsize=8)
     if title:
         axes.set_title(title)
+    return image
+
+
+def _draw_correlation(axes, correlation: dict[str, dict[str, float]], names: list[str]):
+    """The correlation matrix of the criteria `names` on `axes`, each value written in its cell; returns
+    the image for a colorbar."""
+    matrix = [[correlation[first][second] for second in names] for first in names]
+    image = axes.imshow(matrix, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+    for row, values in enumerate(matrix):
+        for column, rho in enumerate(values):
+            # White on the dark ends of the colormap, black on its pale middle.
+            axes.text(column, row, f"{rho:.2f}", ha="center", va="center", fontsize=7,
+                      color="white" if abs(rho) > 0.6 else "black")
+    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(names)), names, fontsize=7)
+    axes.set_title("Rank correlation of the criteria over layers")
     return image

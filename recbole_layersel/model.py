@@ -39,14 +39,16 @@ from torch import nn
 from tqdm import tqdm
 
 from recbole_layersel.all_positions import all_position_loss
-from recbole_layersel.backbone import CompactBackbone, is_causal, position_limit
+from recbole_layersel.backbone import CompactBackbone, is_causal, position_limit, seeded_backbone
 from recbole_layersel.compact import DTYPES, CompactRecommender, HeadConfig, add_lora
 from recbole_layersel.distributed import all_reduce_sum, broadcast_parameters, rank_and_world
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.export import export_compact
-from recbole_layersel.files import code_sha256
-from recbole_layersel.hooks import run_pretraining_hooks, seeded_backbone
+from recbole_layersel.files import StageCache, code_sha256
+from recbole_layersel.hooks import HookData, HookSettings, artifacts_dir, run_pretraining_hooks
 from recbole_layersel.llm import default_cache_dir, load_llm, resolve_llm
+from recbole_layersel.proxy import PROXIES, ProxyData
+from recbole_layersel.samples import sample_sequences
 from recbole_layersel.selection import DATA_FREE_STRATEGIES, check_strategy, select_layers
 from recbole_layersel.titles import (
     TITLE_CODE,
@@ -59,6 +61,11 @@ from recbole_layersel.titles import (
 
 logger = logging.getLogger(__name__)
 TRAIN_MODES = ("frozen", "lora")
+# Settings of earlier versions -> what replaced them; RecBole would silently ignore them otherwise.
+REPLACED_SETTINGS = {
+    "importance_weights": "importance_group_weights (one weight per group of correlated criteria: fisher, "
+                          "change, activations, output_rank, attention)",
+}
 
 
 def check_int8(quantize, train_mode: str, device, llm_dtype: str) -> None:
@@ -103,6 +110,12 @@ class LayerSelLLM(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        for setting, replacement in REPLACED_SETTINGS.items():
+            if config[setting] is not None:
+                raise LayerSelError(
+                    f"{setting}={config[setting]!r} is no longer a setting; use {replacement}.")
+        if config["selection_proxy"] not in PROXIES:
+            raise LayerSelError(f"selection_proxy={config['selection_proxy']!r}; use one of {PROXIES}.")
         self.train_mode = config["train_mode"]
         if self.train_mode not in TRAIN_MODES:
             raise LayerSelError(f"train_mode={self.train_mode!r}; use one of {TRAIN_MODES}.")
@@ -240,7 +253,10 @@ class LayerSelLLM(SequentialRecommender):
         broadcast_parameters(self.compact, skip_prefix="backbone.")
         if self._source_llm:
             llm, tokenizer = self._source_llm
-            backbone = run_pretraining_hooks(self, llm, train_data, valid_data).to(self.device)
+            settings = HookSettings.from_config(self.config)
+            data = self._hook_data(train_data, valid_data, settings, llm, tokenizer)
+            backbone = run_pretraining_hooks(llm, data, settings, StageCache(self.cache_dir),
+                                             artifacts_dir(self.config)).to(self.device)
             self.compact.backbone = backbone
             encoded = self._encode_titles(backbone, llm.get_input_embeddings(), tokenizer)
             self.compact.set_title_prior(encoded["prior"])
@@ -251,6 +267,37 @@ class LayerSelLLM(SequentialRecommender):
         if self.quantize and not self.quantized:
             self.compact.backbone = quantize_int8(self.compact.backbone)
             self.quantized = True
+
+    def _hook_data(self, train_data, valid_data, settings: HookSettings, llm, tokenizer) -> HookData:
+        """The seeded samples of histories and the items' title embeddings the hooks read."""
+        imp, sel = settings.importance, settings.selection
+        fields = {"user": self.USER_ID, "item": self.ITEM_ID, "item_seq": self.ITEM_SEQ,
+                  "item_seq_len": self.ITEM_SEQ_LEN}
+
+        def sample(loader, size, seed, setting):
+            drawn = sample_sequences(loader, fields, size, imp.importance_max_items, seed, setting)
+            return drawn.to(self.device)
+
+        compact = self.compact
+        data = HookData(sample(train_data, imp.importance_sample_users, imp.seed, "importance_sample_users"),
+                        compact.title_inputs, compact.title_prior, compact.head_config,
+                        {"llm": self.llm_fingerprint, "dataset": self.config["dataset"],
+                         "titles_sha256": self.titles_sha256})
+        if sel.searches():
+            def encode_prior(backbone, items):
+                titles = ["", *(self.item_title_texts[i] for i in items.tolist())]  # row 0: padding
+                encoded = encode_titles(backbone, llm.get_input_embeddings(), tokenizer, titles,
+                                        TitleSettings.from_config(self.config), data_parallel=False,
+                                        batch_size=self.config["title_batch_size"], show_progress=False)
+                return encoded["prior"][1:].to(self.device)
+
+            adapts = sel.selection_proxy == "adapted"
+            data.proxy = ProxyData(
+                sample(train_data, sel.selection_train_users, imp.seed + 2, "selection_train_users") if adapts
+                else None,
+                sample(valid_data, sel.selection_sample_users, imp.seed + 1, "selection_sample_users"),
+                compact.title_inputs, encode_prior, compact.head_config)
+        return data
 
     def before_training(self, train_data, *eval_data) -> None:
         """`run_hooks`; then, in frozen mode, one backbone pass per history that no other history of the

@@ -3,9 +3,11 @@
 Strategies that need no data: ``first``, ``last``, ``uniform`` (evenly spread, first and last layer
 included) and ``random`` (seeded). Strategies that read the importance pass (``importance.py``):
 
-- ``importance``: greedy. Candidates in fused-importance order; after each addition a proxy scores the
-  compact model on a validation sample; stop at ``num_layers``, when ``patience`` additions in a row gain
-  less than ``min_gain`` (relative; those additions are then dropped again), or when the budget runs out.
+- ``importance``: greedy search (``greedy_select``). Each step tries the most important layers not yet
+  kept (by fused importance), scores each candidate set by a proxy (``proxy.py``: validation NDCG@10
+  after a short adaptation) and keeps the best; it stops at ``num_layers``, when ``patience`` additions in
+  a row gain less than ``min_gain`` (relative; those additions are then dropped again), or when the budget
+  runs out.
 - ``block_influence``: keep the k layers of highest block influence (ShortGPT removes the lowest).
 - ``contiguous``: drop the contiguous block of L - k layers whose input and output are closest in
   angular distance (Gromov et al.), keep the rest.
@@ -76,11 +78,16 @@ def _top_k(scores: list[float], k: int) -> list[int]:
 
 
 @dataclass
-class GreedyStep:
-    added: int
+class Scored:
     layers: list[int]
     proxy: float
-    gain: float | None  # relative to the previous step; None for the first
+
+
+@dataclass
+class GreedyStep:
+    candidates: list[Scored]  # every layer set scored at this step, best first
+    beam: list[Scored]  # the sets kept for the next step, best first
+    gain: float | None  # of the best set, relative to the previous step's best; None for the first
 
 
 @dataclass
@@ -88,33 +95,62 @@ class GreedyResult:
     selected: list[int]
     stop_reason: str  # "target", "saturated", "budget_evaluations", "budget_seconds", "all_layers"
     trajectory: list[GreedyStep]
+    evaluations: int
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *, target_k: int,
-                  patience: int = 3, min_gain: float = 0.01, max_evaluations: int | None = None,
-                  max_seconds: float | None = None,
+                  candidates: int = 4, beam_width: int = 1, patience: int = 3, min_gain: float = 0.01,
+                  max_evaluations: int | None = None, max_seconds: float | None = None,
                   clock: Callable[[], float] = time.perf_counter) -> GreedyResult:
-    """Add layers in ``ranking`` order, scoring each selection with ``evaluate`` (higher is better).
-    ``clock`` (seconds) measures the time budget."""
-    start, selected, trajectory, flat_run = clock(), [], [], 0
-    for layer in ranking:
-        if len(selected) == target_k:
-            return GreedyResult(selected, "target", trajectory)
-        # A budget stops the search only once it has a selection to return.
-        if selected and max_evaluations is not None and len(trajectory) >= max_evaluations:
-            return GreedyResult(selected, "budget_evaluations", trajectory)
-        if selected and max_seconds is not None and clock() - start >= max_seconds:
-            return GreedyResult(selected, "budget_seconds", trajectory)
-        candidate = sorted([*selected, layer])
-        proxy = float(evaluate(candidate))
-        previous = trajectory[-1].proxy if trajectory else None
-        gain = None if previous is None else (proxy - previous) / max(abs(previous), 1e-12)
-        trajectory.append(GreedyStep(layer, candidate, proxy, gain))
-        selected = candidate
-        flat_run = flat_run + 1 if gain is not None and gain < min_gain else 0
-        if flat_run == patience:  # these additions did not pay for themselves: drop them again
-            return GreedyResult(trajectory[-patience - 1].layers, "saturated", trajectory)
-    return GreedyResult(selected, "all_layers", trajectory)
+    """Grow a layer set one layer a step, keeping the layers that ``evaluate`` (higher is better) scores best.
+
+    The search starts from no layer (scored too: what the first layer must beat). At each step every set
+    of the beam is extended by each of the first ``candidates`` layers of ``ranking`` it lacks, every
+    extension is scored, and the ``beam_width`` best distinct ones become the next beam. It stops at
+    ``target_k`` layers; when ``patience`` steps in a row gain less than ``min_gain`` (relative); before a
+    step that would exceed ``max_evaluations`` or start after ``max_seconds`` (``clock``); or when no
+    layer is left. Whatever stopped it, the steps since the last one that gained ``min_gain`` did not pay
+    for their layers: the result is the best set from before them, and at least one layer (a budget stops
+    the search only after its first step; no layer at all is the text-only model, ``num_layers: 0``).
+    """
+    start, evaluations = clock(), 1
+    beam = [Scored([], float(evaluate([])))]
+    trajectory = [GreedyStep(list(beam), list(beam), None)]
+    if target_k == 0:
+        return GreedyResult([], "target", trajectory, evaluations)
+    flat_run = 0
+
+    def result(reason: str) -> GreedyResult:
+        kept = trajectory[max(len(trajectory) - 1 - flat_run, 1)].beam[0].layers
+        return GreedyResult(kept, reason, trajectory, evaluations)
+
+    while True:
+        extensions = _extensions(beam, ranking, candidates)
+        if len(beam[0].layers) == target_k or not extensions:
+            return result("target" if extensions else "all_layers")
+        over_evaluations = max_evaluations is not None and evaluations + len(extensions) > max_evaluations
+        if len(trajectory) > 1 and over_evaluations:
+            return result("budget_evaluations")
+        if len(trajectory) > 1 and max_seconds is not None and clock() - start >= max_seconds:
+            return result("budget_seconds")
+        scored = sorted((Scored(layers, float(evaluate(layers))) for layers in extensions),
+                        key=lambda s: (-s.proxy, s.layers))
+        evaluations += len(scored)
+        previous, beam = beam[0].proxy, scored[:beam_width]
+        gain = (beam[0].proxy - previous) / max(abs(previous), 1e-12)
+        trajectory.append(GreedyStep(scored, list(beam), gain))
+        flat_run = flat_run + 1 if gain < min_gain else 0
+        if flat_run == patience:
+            return result("saturated")
+
+
+def _extensions(beam: list[Scored], ranking: list[int], candidates: int) -> list[list[int]]:
+    """Each set of the beam plus each of the first ``candidates`` layers of ``ranking`` it lacks; distinct."""
+    extended: dict[tuple[int, ...], None] = {}
+    for kept in beam:
+        for layer in [layer for layer in ranking if layer not in kept.layers][:candidates]:
+            extended[tuple(sorted([*kept.layers, layer]))] = None
+    return [list(layers) for layers in extended]

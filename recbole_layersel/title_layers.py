@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from recbole_layersel.files import save_figure, write_atomic
 from recbole_layersel.leaderboard import parse_value, recbole_config
+from recbole_layersel.proxy import content_ndcg_at_10
 from recbole_layersel.titles import POOLINGS, item_titles, pad_right, pool
 
 LAST = "~"  # the model's last hidden states, after the final norm
@@ -51,24 +52,6 @@ def encode_every_layer(llm, tokenizer, titles: list[str], max_tokens: int, batch
                 vectors = encoded.setdefault((layer, pooling), torch.zeros(len(titles), hidden.shape[-1]))
                 vectors[start:stop] = pool(hidden, batch["attention_mask"], pooling).float()
     return encoded
-
-
-def content_ndcg_at_10(vectors: torch.Tensor, item_seq: torch.Tensor, targets: torch.Tensor) -> float:
-    """NDCG@10 of ``targets`` when every item is ranked by cosine between its standardised vector and the
-    mean of the unit vectors of the user's history (right-padded ``item_seq``), history items left out
-    (a target that repeats one stays ranked, as in RecBole)."""
-    items = vectors[1:]
-    standard = (vectors - items.mean(0)) / items.std(0).clamp(min=1e-6)
-    unit = torch.nn.functional.normalize(standard, dim=-1)
-    unit[0] = 0  # padding positions add nothing to a user's sum
-    users = torch.nn.functional.normalize(unit[item_seq].sum(1), dim=-1)
-    scores = users @ unit.T
-    target = scores.gather(1, targets[:, None])
-    scores.scatter_(1, item_seq, -torch.inf)  # the history is not ranked
-    scores[:, 0] = -torch.inf  # nor RecBole's padding item
-    scores.scatter_(1, targets[:, None], target)
-    rank = (scores >= target).sum(1) - 1  # ties go against the target (items with one title, say)
-    return float(torch.where(rank < 10, 1 / torch.log2(rank + 2.0), torch.zeros(len(rank))).mean())
 
 
 def screen(model: str, dataset: str, config_dict: dict) -> dict:

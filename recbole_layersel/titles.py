@@ -66,9 +66,12 @@ def backbone_fingerprint(backbone) -> dict:
 
 @torch.no_grad()
 def encode_titles(backbone, embed_tokens, tokenizer, titles: list[str], settings: TitleSettings, *,
-                  batch_size: int, show_progress: bool = True) -> dict[str, torch.Tensor]:
+                  batch_size: int, show_progress: bool = True,
+                  data_parallel: bool = True) -> dict[str, torch.Tensor]:
     """``{"inputs": (n, H), "prior": (n, H)}`` for ``titles`` (see the module docstring): ``embed_tokens``
-    is the LLM's input embedding, ``backbone`` a ``CompactBackbone`` on the same device."""
+    is the LLM's input embedding, ``backbone`` a ``CompactBackbone`` on the same device. With
+    ``data_parallel`` every process of a process group calls it and encodes its share of the batches;
+    without, this process encodes them all."""
     pooling = settings.title_pooling
     if pooling not in POOLINGS:
         raise LayerSelError(f"title_pooling={pooling!r} is not supported; use one of {POOLINGS}.")
@@ -78,8 +81,9 @@ def encode_titles(backbone, embed_tokens, tokenizer, titles: list[str], settings
     backbone.eval()
     # Under a process group each process encodes its share of the batches (distributed.py).
     encoded = {name: torch.zeros(len(titles), embed_tokens.weight.shape[1]) for name in ("inputs", "prior")}
-    for start, stop in tqdm(my_batches(len(titles), batch_size), desc="encode titles", unit="batch",
-                            disable=not show_progress):
+    batches = my_batches(len(titles), batch_size) if data_parallel else \
+        [(start, min(start + batch_size, len(titles))) for start in range(0, len(titles), batch_size)]
+    for start, stop in tqdm(batches, desc="encode titles", unit="batch", disable=not show_progress):
         batch = tokenizer(titles[start:stop], padding=True, truncation=True,
                           max_length=settings.title_max_tokens, return_tensors="pt").to(device)
         token_inputs = embed_tokens(batch["input_ids"])
@@ -87,7 +91,8 @@ def encode_titles(backbone, embed_tokens, tokenizer, titles: list[str], settings
         hidden = backbone(token_inputs.to(backbone.dtype), attention_mask=batch["attention_mask"])
         encoded["prior"][start:stop] = pool(hidden, batch["attention_mask"], pooling).float().cpu()
     backbone.train(was_training)
-    encoded = {name: all_reduce_sum(tensor) for name, tensor in encoded.items()}
+    if data_parallel:
+        encoded = {name: all_reduce_sum(tensor) for name, tensor in encoded.items()}
     for name in encoded:  # RecBole's padding item 0 has no title
         encoded[name][0] = 0
     return encoded

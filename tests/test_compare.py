@@ -1,9 +1,12 @@
 """Cross-model importance: hooks-only runs per LLM, then heatmaps and selections side by side."""
 
+import json
+
 import pytest
 
 from recbole_layersel import compare as compare_module
 from recbole_layersel.compare import compare, run_hooks
+from recbole_layersel.errors import LayerSelError
 from tests.conftest import write_atomic_dataset
 from tests.tiny_models import CONFIGS, save_tiny_llm
 
@@ -15,7 +18,8 @@ def test_two_models_are_compared_from_their_hooks(tmp_path, monkeypatch):
         "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
         "title_field": "title", "embedding_size": 8, "title_max_tokens": 6, "num_layers": 3,
         "importance_sample_users": 8, "importance_max_items": 6, "importance_warmup_steps": 2,
-        "selection_sample_users": 8}
+        "selection_train_users": 8, "selection_sample_users": 8, "selection_adapt_steps": 3,
+        "selection_batch_size": 4}
     folders = {}
     for family in ("llama", "qwen3"):
         save_tiny_llm(tmp_path / family, CONFIGS[family]())
@@ -29,3 +33,9 @@ def test_two_models_are_compared_from_their_hooks(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_module.multiprocessing, "get_context",
                         lambda *a: pytest.fail("finished hooks were rerun"))
     assert run_hooks(str(tmp_path / "llama"), "tiny", tmp_path / "out", settings) == folders["llama"]
+
+    old = tmp_path / "out" / "tiny" / "llama" / "importance.json"
+    report = json.loads(old.read_text())
+    old.write_text(json.dumps({key: value for key, value in report.items() if key != "groups"}))
+    with pytest.raises(LayerSelError, match=r"lacks \['groups'\]: an earlier version .* Move .* away"):
+        compare(folders, "tiny", tmp_path / "out")

@@ -108,8 +108,9 @@ def write_run_config(tmp_path, **settings) -> str:
 
 
 def hooks_artifacts(folder) -> dict:
+    """The hooks' reports in ``folder``; distillation.json only when the kept layers have bridges."""
     return {name: json.loads((folder / f"{name}.json").read_text())
-            for name in ("importance", "selection", "distillation")}
+            for name in ("importance", "selection", "distillation") if (folder / f"{name}.json").exists()}
 
 
 def test_hooks_under_accelerate_launch_match_one_process(tmp_path):
@@ -130,8 +131,10 @@ def test_hooks_under_accelerate_launch_match_one_process(tmp_path):
     assert two["importance"]["ranking"] == one["importance"]["ranking"]
     for criterion, values in one["importance"]["raw"].items():
         assert two["importance"]["raw"][criterion] == pytest.approx(values, rel=1e-4, abs=1e-6), criterion
-    assert two["distillation"]["losses"] == pytest.approx(one["distillation"]["losses"], rel=1e-4)
-    assert two["distillation"]["after"] == pytest.approx(one["distillation"]["after"], rel=1e-4)
+    assert two.keys() == one.keys()
+    if "distillation" in one:  # the search may keep adjacent layers; distillation's own test is above
+        assert two["distillation"]["losses"] == pytest.approx(one["distillation"]["losses"], rel=1e-4)
+        assert two["distillation"]["after"] == pytest.approx(one["distillation"]["after"], rel=1e-4)
 
 
 @pytest.mark.parametrize("train_mode", ["frozen", "lora"])

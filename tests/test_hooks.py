@@ -2,6 +2,7 @@
 artifacts, their stage cache, and the errors a bad config gets."""
 
 import json
+from itertools import pairwise
 
 import pytest
 import torch
@@ -13,7 +14,24 @@ from tests.test_model import build  # noqa: F401  (fixture)
 
 HOOKED = {"layer_strategy": "importance", "num_layers": 3, "distill_steps": 10, "distill_lr": 0.01,
           "importance_sample_users": 8, "importance_max_items": 6, "importance_batch_size": 4,
-          "importance_warmup_steps": 5, "selection_sample_users": 8}
+          "importance_warmup_steps": 5, "selection_train_users": 8, "selection_sample_users": 8,
+          "selection_adapt_steps": 3, "selection_batch_size": 4}
+
+
+class SpreadOut:
+    """A stand-in proxy that prefers layers far apart, so the search keeps bridged layers (the real proxy on a
+    random tiny model may keep adjacent ones, which have no bridge to distil)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, layers):
+        return 0.1 + 0.2 * len(layers) + sum(later - earlier for earlier, later in pairwise(layers))
+
+
+@pytest.fixture
+def spread_out(monkeypatch):
+    monkeypatch.setattr(hooks, "ContentNDCG", SpreadOut)
 
 
 @pytest.fixture
@@ -27,7 +45,7 @@ def hooked(build, tmp_path):  # noqa: F811
     return hooked
 
 
-def test_hooks_select_distill_and_write_their_artifacts(hooked, tmp_path):
+def test_hooks_select_distill_and_write_their_artifacts(hooked, spread_out, tmp_path):
     model, _ = hooked()
     backbone = model.compact.backbone
     assert 1 <= len(backbone.layers) <= 3 and backbone.num_source_layers == 6
@@ -41,13 +59,15 @@ def test_hooks_select_distill_and_write_their_artifacts(hooked, tmp_path):
     selection = json.loads((run / "selection.json").read_text())
     assert selection["selected"] == backbone.selected_layers and selection["strategy"] == "importance"
     assert selection["stop_reason"] in {"target", "saturated"}
-    added = [step["added"] for step in selection["trajectory"]]
-    assert added == importance["ranking"][:len(added)]
+    assert selection["trajectory"][0]["beam"][0]["layers"] == []  # what the first layer must beat
+    first_step = [candidate["layers"] for candidate in selection["trajectory"][1]["candidates"]]
+    assert sorted(first_step) == sorted([layer] for layer in importance["ranking"][:3])
+    assert importance["correlation"]["fisher"]["fisher"] == 1.0
     distillation = json.loads((run / "distillation.json").read_text())
     assert set(distillation["before"]) == {"mse", "cosine"} and len(distillation["losses"]) == 10
 
 
-def test_stages_are_cached_and_invalidated_when_their_inputs_change(hooked, monkeypatch):
+def test_stages_are_cached_and_invalidated_when_their_inputs_change(hooked, spread_out, monkeypatch):
     first, _ = hooked()
     monkeypatch.setattr(hooks, "compute_importance", lambda *a, **k: pytest.fail("importance recomputed"))
     monkeypatch.setattr(hooks, "distill_bridges", lambda *a, **k: pytest.fail("distillation recomputed"))
@@ -57,7 +77,7 @@ def test_stages_are_cached_and_invalidated_when_their_inputs_change(hooked, monk
                              second.compact.backbone.bridges.state_dict().values(), strict=True):
         assert torch.equal(before, after)
     with pytest.raises(pytest.fail.Exception, match="importance recomputed"):
-        hooked(importance_weights={"fisher": 1.0})
+        hooked(importance_group_weights={"fisher": 1.0})
     with pytest.raises(pytest.fail.Exception, match="importance recomputed"):
         hooked(importance_sample_users=7)  # another data sample
     with pytest.raises(pytest.fail.Exception, match="distillation recomputed"):
@@ -80,7 +100,7 @@ def test_every_setting_the_stages_read_invalidates_them(hooked, monkeypatch, set
         hooked(**settings)
 
 
-def test_bridges_start_from_the_runs_seed_whatever_ran_before(build, tmp_path):  # noqa: F811
+def test_bridges_start_from_the_runs_seed_whatever_ran_before(build, spread_out):  # noqa: F811
     """A cache miss and a hit consume the global random state differently: the bridges must not care."""
     bridges = []
     for global_seed in (1, 2):  # the first run misses the stage cache, the second hits it
@@ -121,10 +141,12 @@ def test_distillation_lowers_the_compact_vs_full_error(hooked, tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"importance_weights": {"fisher": 1.0, "loudness": 1.0}}, "loudness"),
-    ({"importance_weights": {"fisher": 0.0}}, "sum"),
+    ({"importance_group_weights": {"fisher": 1.0, "loudness": 1.0}}, "loudness"),
+    ({"importance_group_weights": {"fisher": 0.0}}, "sum"),
+    ({"importance_weights": {"fisher": 1.0}}, "importance_weights=.* no longer a setting; use importance_gr"),
     ({"importance_sample_users": 1000}, r"importance_sample_users=1000 is larger than the data: 12 users"),
-    ({"selection_proxy": "vibes"}, r"selection_proxy='vibes'"),
+    ({"selection_proxy": "fidelity"}, r"selection_proxy='fidelity'; use one of \('content', 'adapted'\)"),
+    ({"selection_proxy": "adapted", "selection_train_users": 99}, r"selection_train_users=99 is larger than"),
     ({"layer_strategy": "best"}, r"layer_strategy='best' is not a strategy"),
 ])
 def test_bad_hook_settings_are_named(hooked, settings, message):
@@ -140,7 +162,7 @@ def test_every_strategy_starts_training_from_the_same_heads(hooked):
             assert torch.equal(parameter, dict(last.named_parameters())[name]), name
 
 
-def test_layerwise_distillation_also_runs_from_a_cached_importance(hooked, tmp_path):
+def test_layerwise_distillation_also_runs_from_a_cached_importance(hooked, spread_out, tmp_path):
     hooked(distill_layerwise=True)
     hooked(distill_layerwise=True, distill_steps=12)  # importance cached, distillation not
     report = json.loads((tmp_path / "run" / "distillation.json").read_text())
@@ -153,8 +175,27 @@ def test_scoring_before_the_hooks_ran_is_an_error(build):  # noqa: F811
         model.calculate_loss(next(iter(train)))
 
 
-def test_the_ndcg_proxy_drives_the_greedy_search_too(hooked, tmp_path):
-    model, _ = hooked(selection_proxy="ndcg")
+def test_the_proxy_not_the_ranking_decides_which_layer_is_kept(hooked, tmp_path, monkeypatch):
+    scored = []
+
+    class PrefersLayerFive:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, layers):
+            scored.append(layers)
+            return 0.1 + (0.5 if 5 in layers else 0.0) + 0.01 * len(layers)
+
+    monkeypatch.setattr(hooks, "ContentNDCG", PrefersLayerFive)
+    model, _ = hooked(selection_candidates=6, num_layers=1)
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert model.selected_layers == [5] and selection["evaluations"] == len(scored) == 7
+    assert [candidate["proxy"] for candidate in selection["trajectory"][1]["candidates"]][0] == 0.61
+
+
+def test_the_adapted_proxy_drives_the_search_too(hooked, tmp_path):
+    model, _ = hooked(selection_proxy="adapted")
     selection = json.loads((tmp_path / "run" / "selection.json").read_text())
     assert selection["selected"] == model.selected_layers
-    assert all(0.0 <= step["proxy"] <= 1.0 for step in selection["trajectory"])
+    scores = [candidate["proxy"] for step in selection["trajectory"] for candidate in step["candidates"]]
+    assert all(0.0 <= score <= 1.0 for score in scores) and len(set(scores)) > 1

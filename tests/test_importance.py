@@ -7,21 +7,26 @@ forward (with Hugging Face's ``output_attentions``), hooks on its layers, and to
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from scipy.stats import spearmanr
 from transformers import AutoModel
 
+from recbole_layersel import importance
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.importance import (
     CRITERIA,
+    GROUPS,
     ImportanceResult,
     compute_importance,
     fuse_scores,
     plot_importance_heatmap,
-    validate_weights,
+    rank_correlation,
+    validate_group_weights,
 )
 from tests.tiny_models import CONFIGS, HIDDEN, NUM_LAYERS, SEQ_LEN
 
@@ -94,24 +99,28 @@ def llama_run():
     return result, teacher, make_model("llama", "eager"), inputs, head, targets
 
 
-def test_fisher_is_mean_squared_gradient_per_parameter(llama_run):
+def test_fisher_is_mean_of_per_row_squared_gradients(llama_run):
     result, _, reference, inputs, head, targets = llama_run
     params_by_layer = [list(layer.parameters()) for layer in reference.layers]
-    squared_by_batch = []
-    for rows in BATCHES:
+    param_counts = torch.tensor([sum(p.numel() for p in layer) for layer in params_by_layer])
+
+    def squared_gradient_per_parameter(rows):
+        """Per layer: the squared gradient of the mean loss over `rows`, averaged over the parameters."""
         states = reference(inputs_embeds=inputs[rows], attention_mask=MASK[rows]).last_hidden_state
         last_states = states[torch.arange(len(states)), LENGTHS[rows] - 1]
         loss = F.cross_entropy(last_states @ head, targets[rows])
-        grads = torch.autograd.grad(loss, [p for layer in params_by_layer for p in layer])
-        squared_by_batch.append([grad.double() ** 2 for grad in grads])
-    fisher_per_param = [torch.stack(per_batch).mean(0) for per_batch in zip(*squared_by_batch, strict=True)]
-    expected, offset = [], 0
-    for layer in params_by_layer:
-        layer_fisher = fisher_per_param[offset:offset + len(layer)]
-        expected.append(torch.cat([fisher.flatten() for fisher in layer_fisher]).mean().item())
-        offset += len(layer)
-    assert result.raw["fisher"] == pytest.approx(expected, rel=1e-4)
-    assert min(expected) > 0
+        layer_grads = [torch.autograd.grad(loss, layer, retain_graph=True) for layer in params_by_layer]
+        sums = [sum(grad.double().pow(2).sum() for grad in grads) for grads in layer_grads]
+        return torch.stack(sums) / param_counts
+
+    per_row = [squared_gradient_per_parameter(slice(row, row + 1)) for row in range(len(LENGTHS))]
+    expected = torch.stack(per_row).mean(0)
+    assert result.raw["fisher"] == pytest.approx(expected.tolist(), rel=1e-4)
+    assert expected.min() > 0
+    # The squared gradient of each mini-batch's loss (the rows' gradients averaged before squaring) is
+    # far from it, so this test tells the two apart.
+    per_batch = torch.stack([squared_gradient_per_parameter(rows) for rows in BATCHES]).mean(0)
+    assert ((per_batch / expected - 1).abs() > 0.1).all()
 
 
 def test_attention_criteria_match_hf_attention_probabilities(llama_run):
@@ -192,17 +201,31 @@ def test_ranges_teacher_and_weight_magnitude(llama_run):
     assert result.weight_magnitude == pytest.approx(expected_magnitude, rel=1e-5)
 
 
-def test_fusion_and_json(llama_run):
+def test_fusion_correlation_and_json(llama_run):
     result = llama_run[0]
-    assert result.weights == validate_weights(None)
-    normalised, fused, ranking = fuse_scores(result.raw)
-    assert (result.normalised, result.fused, result.ranking) == (normalised, fused, ranking)
+    assert result.group_weights == validate_group_weights(None)
+    assert result.groups == {group: list(criteria) for group, criteria in GROUPS.items()}
+    fusion = fuse_scores(result.raw)
+    assert (result.normalised, result.group_scores, result.fused, result.ranking) == tuple(fusion)
+    assert result.correlation == rank_correlation(result.raw)
     assert sorted(result.ranking) == list(range(NUM_LAYERS))
+    assert all(0 <= value <= 1 for value in result.normalised["fisher"])  # distillation weights rely on it
+    for first in CRITERIA:  # Spearman's rho, computed independently, direction applied
+        for second in CRITERIA:
+            rho = spearmanr([CRITERIA[first] * v for v in result.raw[first]],
+                            [CRITERIA[second] * v for v in result.raw[second]]).statistic
+            assert result.correlation[first][second] == pytest.approx(rho, abs=1e-12), (first, second)
     as_json = json.loads(json.dumps(result.to_json()))
     assert as_json == result.to_json()
     assert set(as_json) == {
-        "raw", "normalised", "weights", "fused", "ranking", "angular_distance_matrix", "weight_magnitude"
+        "raw", "normalised", "groups", "group_weights", "group_scores", "fused", "ranking", "correlation",
+        "angular_distance_matrix", "weight_magnitude",
     }
+
+
+def test_groups_partition_the_criteria():
+    grouped = [name for criteria in GROUPS.values() for name in criteria]
+    assert sorted(grouped) == sorted(CRITERIA) and len(grouped) == len(set(grouped))
 
 
 def test_identity_layer_has_zero_influence_and_topk_mass_one_for_k_at_least_t():
@@ -307,78 +330,170 @@ def test_bad_backbone_arguments_and_loss_are_rejected():
         compute_importance(backbone, inputs, MASK, loss_fn, attention_top_k=1.5)
     with pytest.raises(LayerSelError, match=r"inputs_embeds must have shape \(N >= 1, T, 32\)"):
         compute_importance(backbone, inputs[..., :16], MASK, loss_fn)
-    with pytest.raises(LayerSelError, match="unknown importance criteria"):
-        compute_importance(backbone, inputs, MASK, loss_fn, weights={"fishr": 1.0})
+    with pytest.raises(LayerSelError, match=r"unknown importance groups \['fishr'\]"):
+        compute_importance(backbone, inputs, MASK, loss_fn, group_weights={"fishr": 1.0})
     with pytest.raises(LayerSelError, match="loss_fn must return a scalar tensor"):
         compute_importance(backbone, inputs, MASK, lambda states, rows: states.sum(-1))
     assert backbone.config._attn_implementation == "sdpa"
 
 
-def test_validate_weights():
-    assert validate_weights(None) == {name: 1 / len(CRITERIA) for name in CRITERIA}
-    assert validate_weights({"fisher": 3, "block_influence": 1, "norm_growth": 0}) == {
-        name: {"fisher": 0.75, "block_influence": 0.25}.get(name, 0.0) for name in CRITERIA
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ({"fishr": 1.0}, r"groups \['fishr'\]; .*fisher, change, activations, output_rank, attention"),
+        ({"block_influence": 1.0}, r"\['block_influence'\].*change = norm_growth \+ block_influence"),
+        ({"fisher": -1.0, "change": 2.0}, r">= 0, got \{'fisher': -1\.0\}.*fisher, change, activations"),
+        ({"fisher": float("nan")}, r"got \{'fisher': nan\}"),
+        ({"fisher": True}, r"got \{'fisher': True\}"),
+        ({"fisher": "1"}, r"got \{'fisher': '1'\}"),
+        ({"fisher": 0, "change": 0.0}, r"\{'fisher': 0, 'change': 0\.0\} sum to 0.*fisher, change, activ"),
+        (["fisher"], r"mapping group -> weight, got \['fisher'\].*fisher = fisher; change = "),
+    ],
+)
+def test_validate_group_weights_rejects(weights, match):
+    with pytest.raises(LayerSelError, match=match):
+        validate_group_weights(weights)
+
+
+def test_group_weights_normalise_and_zero_drops_a_group():
+    assert validate_group_weights(None) == dict.fromkeys(GROUPS, 0.2)
+    assert validate_group_weights({"fisher": 3, "change": 1, "attention": 0}) == {
+        "fisher": 0.75, "change": 0.25, "activations": 0.0, "output_rank": 0.0, "attention": 0.0
     }
-    with pytest.raises(LayerSelError, match=r"\['fishr'\].*fisher, attention_entropy, .*angular_distance"):
-        validate_weights({"fishr": 1.0})
-    with pytest.raises(LayerSelError, match=r"sum to 0"):
-        validate_weights({"fisher": 0, "block_influence": 0.0})
-    with pytest.raises(LayerSelError, match=r">= 0, got \{'fisher': -1\.0\}"):
-        validate_weights({"fisher": -1.0, "block_influence": 2.0})
-    with pytest.raises(LayerSelError, match=r"got \{'fisher': nan\}"):
-        validate_weights({"fisher": float("nan")})
-    with pytest.raises(LayerSelError, match="must be a mapping"):
-        validate_weights(["fisher"])
+    raw = {name: [4.0, 1.0, 3.0, 2.0] for name in (*GROUPS["fisher"], *GROUPS["change"])}
+    raw["fisher"] = [1.0, 2.0, 3.0, 4.0]
+    fusion = fuse_scores(raw, {"fisher": 3, "change": 1, "attention": 0})  # no activation/attention scores
+    assert set(fusion.group_scores) == {"fisher", "change"}
+    fisher_ranks, change_ranks = [0, 1 / 3, 2 / 3, 1], [1, 0, 2 / 3, 1 / 3]
+    expected = [0.75 * f + 0.25 * c for f, c in zip(fisher_ranks, change_ranks, strict=True)]
+    assert fusion.fused == pytest.approx(expected)
+    assert fuse_scores(raw, {"fisher": 6, "change": 2}).fused == pytest.approx(expected)
+    # With every criterion given, the attention scores still change nothing.
+    full = {name: [0.0, 9.0, 5.0, 7.0] for name in CRITERIA} | raw
+    changed = full | {"attention_entropy": [9.0, 0.0, 5.0, 1.0]}
+    weights = {"fisher": 3, "change": 1}
+    assert fuse_scores(full, weights).fused == fuse_scores(changed, weights).fused == pytest.approx(expected)
 
 
 def hand_made_raw():
     """Three layers; every criterion is given, only some vary."""
-    raw = {name: [5.0, 5.0, 5.0] for name in CRITERIA}  # all equal: normalised to all 0
+    raw = {name: [5.0, 5.0, 5.0] for name in CRITERIA}  # all equal: scaled ranks all 0.5
     raw["fisher"] = [1.0, 3.0, 2.0]
     raw["attention_entropy"] = [1.0, 3.0, 2.0]  # direction -1: the lowest entropy is the most important
     return raw
 
 
-def test_normalisation_direction_and_fusion():
-    normalised, fused, ranking = fuse_scores(hand_made_raw(), {"fisher": 3, "attention_entropy": 1})
+def test_scaled_ranks_direction_and_fusion():
+    normalised, group_scores, fused, ranking = fuse_scores(hand_made_raw(), {"fisher": 3, "attention": 1})
     assert normalised["fisher"] == [0.0, 1.0, 0.5]
     assert normalised["attention_entropy"] == [1.0, 0.0, 0.5]
-    assert normalised["norm_growth"] == [0.0, 0.0, 0.0]
-    assert fused == pytest.approx([0.25, 0.75, 0.5])
+    assert normalised["norm_growth"] == [0.5, 0.5, 0.5]
+    assert group_scores["attention"] == [0.75, 0.25, 0.5]  # mean of entropy's ranks and the constant 0.5
+    assert fused == pytest.approx([0.1875, 0.8125, 0.5])
     assert ranking == [1, 2, 0]
+    assert fuse_scores({"fisher": [7.0]}, {"fisher": 1}).normalised == {"fisher": [0.0]}  # one layer
 
 
-def test_ranking_ties_put_lower_index_first():
-    _, fused, ranking = fuse_scores(hand_made_raw(), {"fisher": 1, "attention_entropy": 1})
-    assert fused == pytest.approx([0.5, 0.5, 0.5])
+def test_ties_share_the_average_rank_and_put_lower_index_first():
+    _, _, fused, ranking = fuse_scores(hand_made_raw(), {"change": 1})
+    assert fused == [0.5, 0.5, 0.5]
     assert ranking == [0, 1, 2]
-    _, _, ranking = fuse_scores({"fisher": [2.0, 1.0, 2.0, 1.0]}, {"fisher": 1})
+    normalised, _, _, ranking = fuse_scores({"fisher": [2.0, 1.0, 2.0, 1.0]}, {"fisher": 1})
+    assert normalised["fisher"] == pytest.approx([5 / 6, 1 / 6, 5 / 6, 1 / 6])
     assert ranking == [0, 2, 1, 3]
 
 
+def test_one_outlier_does_not_dominate():
+    # Layer 3's Fisher is 50x the next one's. Min-max scaling would squeeze layers 0-2 to ~0 on the Fisher
+    # and rank [1, 3, 0, 2]; ranks keep the Fisher's order among them.
+    raw = {"fisher": [0.0, 1.0, 2.0, 100.0]} | {name: [2.0, 3.0, 1.0, 0.0] for name in GROUPS["change"]}
+    fusion = fuse_scores(raw, {"fisher": 1, "change": 1})
+    assert fusion.normalised["fisher"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert fusion.fused == pytest.approx([1 / 3, 2 / 3, 1 / 2, 1 / 2])
+    assert fusion.ranking == [1, 2, 3, 0]
+
+
+def test_a_group_of_perfectly_correlated_criteria_counts_once():
+    fisher, change = [0.0, 1.0, 2.0, 3.0], [2.0, 3.0, 1.0, 0.0]
+    raw = {name: [1.0] * 4 for name in CRITERIA} | {"fisher": fisher}
+    # The change group's three criteria order the layers alike, in different units.
+    raw |= {name: [10.0**scale * value for value in change] for scale, name in enumerate(GROUPS["change"])}
+    fusion = fuse_scores(raw, {"fisher": 1, "change": 1})
+    assert fusion.group_scores["change"] == pytest.approx([2 / 3, 1, 1 / 3, 0])
+    # The group weighs as much as the Fisher alone: (ranks of fisher + ranks of change) / 2. Were its three
+    # criteria counted one by one, it would weigh 3x and rank [1, 0, 2, 3].
+    assert fusion.fused == pytest.approx([1 / 3, 2 / 3, 1 / 2, 1 / 2])
+    assert fusion.ranking == [1, 2, 3, 0]
+    duplicated = raw | {name: raw["norm_growth"] for name in GROUPS["change"]}
+    assert fuse_scores(duplicated, {"fisher": 1, "change": 1}).fused == fusion.fused
+    # With default weights the constant groups add 0.5 each, moving no layer.
+    assert fuse_scores(raw).fused == pytest.approx([(2 * fused + 1.5) / 5 for fused in fusion.fused])
+
+
+def test_rank_correlation():
+    raw = {
+        "fisher": [1.0, 2.0, 3.0, 4.0, 5.0],
+        "norm_growth": [1.0, 8.0, 27.0, 64.0, 500.0],  # same order as fisher, not linearly related
+        "attention_entropy": [1.0, 2.0, 3.0, 4.0, 5.0],  # direction -1: the opposite order
+        "effective_rank": [6.0] * 5,  # constant: rho undefined
+        "block_influence": [3.0, 1.0, 4.0, 1.0, 5.0],
+    }
+    correlation = rank_correlation(raw)
+    names = list(raw)
+    assert list(correlation) == names and all(list(row) == names for row in correlation.values())
+    assert all(correlation[a][b] == correlation[b][a] for a in names for b in names)
+    assert [correlation[name][name] for name in names] == [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert correlation["fisher"]["norm_growth"] == pytest.approx(1.0)
+    assert correlation["fisher"]["attention_entropy"] == pytest.approx(-1.0)
+    assert all(correlation["effective_rank"][name] == 0.0 for name in names)
+    assert correlation["fisher"]["block_influence"] == pytest.approx(
+        spearmanr(raw["fisher"], raw["block_influence"]).statistic
+    )
+    json.dumps(correlation, allow_nan=False)
+
+
 def test_fuse_scores_rejects_inconsistent_raw():
-    with pytest.raises(LayerSelError, match=r"criteria \['attention_entropy'\] have weight > 0 but no raw"):
-        fuse_scores({"fisher": [1.0, 2.0]}, {"fisher": 1, "attention_entropy": 1})
+    with pytest.raises(LayerSelError, match=r"groups \['attention'\] have weight > 0 but raw scores lack "
+                                            r"their criteria \{'attention': \['attention_entropy', 'atten"):
+        fuse_scores({"fisher": [1.0, 2.0]}, {"fisher": 1, "attention": 1})
     with pytest.raises(LayerSelError, match="same number of layers"):
         fuse_scores({"fisher": [1.0, 2.0], "norm_growth": [1.0]}, {"fisher": 1})
     with pytest.raises(LayerSelError, match=r"unknown importance criteria \['depth'\]"):
         fuse_scores({"fisher": [1.0], "depth": [1.0]}, {"fisher": 1})
+    with pytest.raises(LayerSelError, match=r"finite to be ranked, got \{'fisher': \[1\.0, nan\]\}"):
+        fuse_scores({"fisher": [1.0, float("nan")]}, {"fisher": 1})
 
 
 def hand_made_result(num_layers=10):
     raw = {
         name: [float(layer * (i + 3) % 7) for layer in range(num_layers)] for i, name in enumerate(CRITERIA)
     }
-    normalised, fused, ranking = fuse_scores(raw)
-    return ImportanceResult(
-        raw=raw,
-        normalised=normalised,
-        weights=validate_weights(None),
-        fused=fused,
-        ranking=ranking,
-        angular_distance_matrix=[[0.0] * num_layers for _ in range(num_layers)],
-        weight_magnitude=[0.02] * num_layers,
-    )
+    distances = [[0.0] * num_layers for _ in range(num_layers)]
+    return ImportanceResult.fused_from(raw, None, distances, [0.02] * num_layers)
+
+
+def test_heatmap_shows_ranks_groups_fused_and_correlation(monkeypatch):
+    figures = []
+    monkeypatch.setattr(importance, "save_figure", lambda figure, path: figures.append(figure))
+    result = hand_made_result()
+    plot_importance_heatmap(result, "unused.png", num_marked=3)
+    scores_axes, correlation_axes = figures[0].axes[:2]
+    labels = [label.get_text() for label in scores_axes.get_yticklabels()]
+    assert labels[:4] == ["fisher [fisher]", "norm_growth [change]", "block_influence [change]",
+                          "angular_distance [change]"]
+    assert labels[9:] == [f"{group} group (w=0.20)" for group in GROUPS] + ["fused"]
+    rows = scores_axes.get_images()[0].get_array()
+    np.testing.assert_allclose(rows[0], result.normalised["fisher"])
+    np.testing.assert_allclose(rows[10], result.group_scores["change"])
+    np.testing.assert_allclose(rows[-1], result.fused)
+    assert scores_axes.collections[0].get_offsets()[:, 0].tolist() == result.ranking[:3]  # the stars
+    matrix = correlation_axes.get_images()[0]
+    assert matrix.get_clim() == (-1.0, 1.0) and matrix.get_cmap().name == "RdBu_r"
+    by_group = [name for criteria in GROUPS.values() for name in criteria]
+    assert [label.get_text() for label in correlation_axes.get_yticklabels()] == by_group
+    expected = [[result.correlation[first][second] for second in by_group] for first in by_group]
+    np.testing.assert_allclose(matrix.get_array(), expected)
+    assert len(correlation_axes.texts) == len(CRITERIA) ** 2
 
 
 def test_heatmap_writes_png_atomically(tmp_path, monkeypatch):

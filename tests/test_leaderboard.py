@@ -51,6 +51,7 @@ def test_finished_runs_are_not_redone(tiny, tmp_path, monkeypatch):
     first = run_entry("BPR-tiny", "tiny", 1, out, tiny)
     assert first["status"] == "ok", first.get("traceback")
     assert set(first["test"]) >= {"ndcg@10", "hit@10"} and first["parameters"] > 0
+    assert set(first["valid"]) >= {"ndcg@10", "hit@10"}  # the best epoch's, which early stopping chose
     assert (first["epochs_run"], first["best_epoch"], first["stopped_by"]) == (1, 0, "epoch cap")
     path = out / "runs" / "tiny" / "BPR-tiny" / "seed1.json"
     assert json.loads(path.read_text()) == first

@@ -302,7 +302,8 @@ def test_the_prior_is_the_kept_layers_encoding_of_the_titles(build):
 
 def test_the_prior_follows_the_layers_the_hooks_choose(build):
     hooked, loaders = build("llama", layer_strategy="importance", num_layers=2, importance_sample_users=8,
-                            importance_max_items=6, importance_warmup_steps=5, selection_sample_users=8)
+                            importance_max_items=6, importance_warmup_steps=5, selection_train_users=8,
+                            selection_sample_users=8, selection_adapt_steps=3, selection_batch_size=4)
     hooked.before_training(*loaders)
     given = build("llama", selected_layers=hooked.selected_layers)[0]
     assert torch.allclose(hooked.compact.title_prior, given.compact.title_prior, atol=1e-6)

@@ -149,7 +149,8 @@ def tiny_llm_run(tmp_path, **settings):
 
 
 HOOKS_SMALL = {"layer_strategy": "importance", "distill_steps": 5, "importance_sample_users": 8,
-               "importance_max_items": 6, "importance_warmup_steps": 2, "selection_sample_users": 8}
+               "importance_max_items": 6, "importance_warmup_steps": 2, "selection_train_users": 8,
+               "selection_sample_users": 8, "selection_adapt_steps": 3, "selection_batch_size": 4}
 
 
 def test_hooks_only_chooses_layers_without_training(tmp_path, argv):

@@ -1,4 +1,4 @@
-"""Layer selection: data-free strategies, importance-based baselines and the greedy stop rules."""
+"""Layer selection: data-free strategies, importance-based baselines and the greedy search."""
 
 import time
 from types import SimpleNamespace
@@ -41,55 +41,88 @@ def test_bad_num_layers(num_layers):
 
 
 class Proxy:
-    """A proxy whose value depends only on how many layers are selected, counting its calls."""
+    """A proxy: the sum of the kept layers' values (none: ``empty``), counting its calls."""
 
-    def __init__(self, values, delay=0.0):
-        self.values, self.delay, self.calls = values, delay, 0
+    def __init__(self, values, empty=0.1, delay=0.0):
+        self.values, self.empty, self.delay, self.calls = values, empty, delay, 0
 
     def __call__(self, layers):
         self.calls += 1
         time.sleep(self.delay)
-        return self.values[len(layers) - 1]
+        return self.empty + sum(self.values[layer] for layer in layers)
 
 
 RANKING = [7, 2, 9, 0, 5, 1, 3, 4, 6, 8]
+#         layer: 0    1    2    3    4    5    6    7    8    9
+VALUES = [0.30, 0.01, 0.20, 0.02, 0.0, 0.05, 0.0, 0.10, 0.0, 0.40]
+
+
+def test_each_step_keeps_the_best_scoring_candidate_not_the_top_ranked_one():
+    proxy = Proxy(VALUES)
+    result = greedy_select(RANKING, proxy, target_k=3, candidates=3)
+    first = result.trajectory[1]
+    assert [c.layers for c in first.candidates] == [[9], [2], [7]]  # all three logged, best first
+    assert first.beam[0].layers == [9] and first.gain == pytest.approx(4.0)
+    assert result.selected == [0, 2, 9] and result.stop_reason == "target"
+    assert result.trajectory[0].beam[0].layers == [] and proxy.calls == result.evaluations == 1 + 3 + 3 + 3
+
+
+def test_one_candidate_a_step_follows_the_ranking():
+    result = greedy_select(RANKING, Proxy(VALUES), target_k=3, candidates=1)
+    assert result.selected == sorted(RANKING[:3]) and result.evaluations == 4
 
 
 def test_greedy_stops_when_three_additions_in_a_row_gain_less_than_one_percent():
-    proxy = Proxy([0.1, 0.5, 0.8, 0.805, 0.809, 0.81, 0.9, 0.95, 0.99, 1.0])
-    result = greedy_select(RANKING, proxy, target_k=8)
-    assert result.stop_reason == "saturated" and proxy.calls == 6
-    assert result.selected == [2, 7, 9]  # the three flat additions are dropped again
-    assert [step.added for step in result.trajectory] == RANKING[:6]
-    assert result.trajectory[0].gain is None and result.trajectory[1].gain == pytest.approx(4.0)
+    proxy = Proxy(VALUES)
+    result = greedy_select(RANKING, proxy, target_k=10, candidates=2)
+    # 2, 9, 0, 7, 5 and 3 (+1.7 %) gain; 1 (+0.85 %) and then two layers of value 0 do not: dropped again.
+    assert result.stop_reason == "saturated" and result.selected == [0, 2, 3, 5, 7, 9]
+    assert [step.gain < 0.01 for step in result.trajectory[1:]] == [False] * 6 + [True] * 3
 
 
 def test_a_one_percent_gain_resets_the_saturation_count():
-    proxy = Proxy([0.1, 0.5, 0.8, 0.805, 0.82, 0.821, 0.822, 0.823, 0.9, 1.0])
-    result = greedy_select(RANKING, proxy, target_k=10)
-    assert result.stop_reason == "saturated" and result.selected == sorted(RANKING[:5])
+    values = [0.001, 0.001, 0.5, 0.001, 0.001, 0.0, 0.0, 0.0, 0.0, 0.0]
+    result = greedy_select(list(range(10)), Proxy(values, empty=1.0), target_k=10, candidates=1)
+    # 0 and 1 gain 0.1 % each, 2 gains 50 % (the count starts again), then 3, 4 and 5 gain < 1 %.
+    assert result.stop_reason == "saturated" and result.selected == [0, 1, 2]
 
 
-def test_greedy_stops_at_the_target():
-    result = greedy_select(RANKING, Proxy([float(i + 1) for i in range(10)]), target_k=4)
-    assert result.stop_reason == "target" and result.selected == sorted(RANKING[:4])
-    assert len(result.trajectory) == 4
+def test_a_wider_beam_finds_a_pair_that_greedy_misses():
+    pairs = {(0,): 1.0, (1,): 0.9, (1, 2): 2.0}
+
+    def proxy(layers):
+        return pairs.get(tuple(layers), 1.1 if 0 in layers else 0.0)
+
+    assert greedy_select([0, 1, 2], proxy, target_k=2, candidates=3).selected[0] == 0
+    assert greedy_select([0, 1, 2], proxy, target_k=2, candidates=3, beam_width=2).selected == [1, 2]
 
 
-def test_greedy_stops_when_the_evaluation_budget_runs_out():
-    proxy = Proxy([float(i + 1) for i in range(10)])
-    result = greedy_select(RANKING, proxy, target_k=8, max_evaluations=2)
-    assert result.stop_reason == "budget_evaluations" and proxy.calls == 2 and len(result.selected) == 2
+def test_greedy_stops_before_a_step_that_would_exceed_the_evaluation_budget():
+    proxy = Proxy(VALUES)
+    result = greedy_select(RANKING, proxy, target_k=8, candidates=3, max_evaluations=9)
+    assert result.stop_reason == "budget_evaluations" and proxy.calls == 7 and result.selected == [0, 9]
 
 
 def test_greedy_stops_when_the_time_budget_runs_out():
-    proxy = Proxy([float(i + 1) for i in range(10)], delay=0.05)
-    result = greedy_select(RANKING, proxy, target_k=8, max_seconds=0.12)
+    proxy = Proxy(VALUES, delay=0.05)
+    result = greedy_select(RANKING, proxy, target_k=8, candidates=1, max_seconds=0.12)
     assert result.stop_reason == "budget_seconds" and 1 <= len(result.selected) < 8
 
 
+def test_additions_that_did_not_pay_are_dropped_whatever_stopped_the_search():
+    values = [0.5, 0.0, -0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # layer 0 gains, 1 and 2 do not
+    result = greedy_select(list(range(10)), Proxy(values, empty=1.0), target_k=3, candidates=1)
+    assert result.stop_reason == "target" and result.selected == [0]
+
+
+def test_at_least_one_layer_is_kept_even_when_none_gains():
+    result = greedy_select(RANKING, Proxy([0.0] * 10, empty=1.0), target_k=8, candidates=2, max_evaluations=2)
+    assert result.stop_reason == "budget_evaluations" and result.selected == [2]  # step 1's best (a tie)
+    assert greedy_select(RANKING, Proxy(VALUES), target_k=0).selected == []
+
+
 def test_greedy_may_use_every_layer():
-    result = greedy_select([2, 0, 1], Proxy([1.0, 2.0, 3.0]), target_k=5)
+    result = greedy_select([2, 0, 1], Proxy(VALUES), target_k=5)
     assert result.stop_reason == "all_layers" and result.selected == [0, 1, 2]
 
 

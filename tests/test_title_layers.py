@@ -9,7 +9,8 @@ import torch
 
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.llm import load_llm
-from recbole_layersel.title_layers import content_ndcg_at_10, encode_every_layer, main
+from recbole_layersel.proxy import content_ndcg_at_10
+from recbole_layersel.title_layers import encode_every_layer, main
 from recbole_layersel.titles import TitleSettings, encode_titles, pool
 from tests.conftest import write_atomic_dataset
 from tests.tiny_models import CONFIGS, NUM_LAYERS, save_tiny_llm

@@ -1,0 +1,110 @@
+"""Do the greedy search's proxies rank layer sets as training does?
+
+    python -m recbole_layersel.proxy_check --dataset ml-100k --seed 2020
+
+Reads the finished LayerSelLLM leaderboard runs of ``--seed`` on the dataset (``<runs>/<dataset>/
+LayerSelLLM-*/seed<seed>.json``: each holds the layers it kept and its NDCG@10), scores every
+distinct layer set with both proxies of ``proxy.py`` on the samples the hooks of that seed draw, and
+reports Spearman's rho between each proxy and the runs' NDCG@10, with each proxy's seconds per set.
+Writes ``<out>/<dataset>-seed<seed>.md`` and ``.json`` (``--runs``: results/runs, ``--out``: results/proxy).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+from scipy.stats import spearmanr
+
+from recbole_layersel.compat import atomic_files_verbatim
+from recbole_layersel.errors import LayerSelError
+from recbole_layersel.files import write_atomic
+from recbole_layersel.hooks import HookSettings
+from recbole_layersel.leaderboard import recbole_config
+from recbole_layersel.model import LayerSelLLM
+from recbole_layersel.proxy import AdaptedNDCG, AdaptSettings, ContentNDCG
+
+
+def finished_runs(runs: Path, dataset: str, seed: int) -> tuple[str, dict[tuple[int, ...], dict[str, float]]]:
+    """(split, layer set -> {entry: NDCG@10}) of the finished LayerSelLLM runs of ``seed``: the validation
+    NDCG@10 of the best epoch when every run recorded it (runs from 2026-12-01 on), else the test one."""
+    records = {path.parent.name: json.loads(path.read_text(encoding="utf-8"))
+               for path in sorted((runs / dataset).glob(f"LayerSelLLM-*/seed{seed}.json"))}
+    records = {entry: record for entry, record in records.items()
+               if record["status"] == "ok" and record.get("selected_layers") is not None}
+    split = "valid" if all("valid" in record for record in records.values()) else "test"
+    by_layers: dict[tuple[int, ...], dict[str, float]] = {}
+    for entry, record in records.items():
+        by_layers.setdefault(tuple(record["selected_layers"]), {})[entry] = record[split]["ndcg@10"]
+    if len(by_layers) < 3:
+        raise LayerSelError(
+            f"{runs / dataset} holds finished LayerSelLLM runs of seed {seed} for {len(by_layers)} layer "
+            "sets; a rank correlation needs at least 3. Run more entries with the leaderboard first."
+        )
+    return split, by_layers
+
+
+def proxies(dataset: str, seed: int) -> dict:
+    """Both proxies, built as the hooks of a LayerSelLLM run of ``seed`` on ``dataset`` build them."""
+    config = recbole_config("LayerSelLLM", dataset, {"seed": seed, "layer_strategy": "importance",
+                                                     "selection_proxy": "adapted", "show_progress": False})
+    init_seed(seed, config["reproducibility"])
+    with atomic_files_verbatim():
+        train, valid, _ = data_preparation(config, create_dataset(config))
+    model = LayerSelLLM(config, train._dataset)
+    llm, tokenizer = model._source_llm
+    settings = HookSettings.from_config(config)
+    data = model._hook_data(train, valid, settings, llm, tokenizer).proxy
+    selection = settings.selection
+    adapt = AdaptSettings(selection.selection_adapt_steps, config["learning_rate"] * 10,
+                          selection.selection_batch_size, seed)
+    return {"content": ContentNDCG(llm, data, seed), "adapted": AdaptedNDCG(llm, data, adapt)}
+
+
+def check(dataset: str, seed: int, runs: Path) -> dict:
+    split, by_layers = finished_runs(runs, dataset, seed)
+    rows = [{"layers": list(layers), "entries": entries, "ndcg@10": sum(entries.values()) / len(entries)}
+            for layers, entries in by_layers.items()]
+    for name, proxy in proxies(dataset, seed).items():
+        for row in rows:
+            start = time.perf_counter()
+            row[name] = {"score": proxy(row["layers"]), "seconds": time.perf_counter() - start}
+    ndcg = [row["ndcg@10"] for row in rows]
+    rho = {name: float(spearmanr([row[name]["score"] for row in rows], ndcg)[0])
+           for name in ("content", "adapted")}
+    return {"dataset": dataset, "seed": seed, "split": split, "rows": rows, "spearman": rho}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Greedy proxies vs trained runs: {report['dataset']}, seed {report['seed']}", "",
+             f"| layers | runs | {report['split']} NDCG@10 | content proxy | s | adapted proxy | s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in sorted(report["rows"], key=lambda row: -row["ndcg@10"]):
+        content, adapted = row["content"], row["adapted"]
+        lines.append(f"| {row['layers']} | {', '.join(row['entries'])} | {row['ndcg@10']:.4f} "
+                     f"| {content['score']:.4f} | {content['seconds']:.1f} | {adapted['score']:.4f} "
+                     f"| {adapted['seconds']:.1f} |")
+    rho = report["spearman"]
+    lines += ["", f"Spearman's rho with {report['split']} NDCG@10 over {len(report['rows'])} layer sets: "
+              f"content {rho['content']:.2f}, adapted {rho['adapted']:.2f}."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--runs", type=Path, default=Path("results/runs"))
+    parser.add_argument("--out", type=Path, default=Path("results/proxy"))
+    args = parser.parse_args(argv)
+    report = check(args.dataset, args.seed, args.runs)
+    stem = args.out / f"{args.dataset}-seed{args.seed}"
+    write_atomic(stem.with_suffix(".json"), json.dumps(report, indent=1))
+    write_atomic(stem.with_suffix(".md"), markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The proxy check: proxies of the layer sets of finished leaderboard runs against their NDCG@10."""
+
+import json
+
+import pytest
+
+from recbole_layersel import proxy_check
+from recbole_layersel.errors import LayerSelError
+
+
+def write_run(runs, entry, seed, layers, ndcg, status="ok", valid=None):
+    path = runs / "tiny" / entry / f"seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"status": status, "selected_layers": layers, "test": {"ndcg@10": ndcg}}
+    if valid is not None:
+        record["valid"] = {"ndcg@10": valid}
+    path.write_text(json.dumps(record))
+
+
+def test_the_proxies_rank_correlation_with_the_runs(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs, "LayerSelLLM-first-k2", 1, [0, 1], 0.3)
+    write_run(runs, "LayerSelLLM-last-k2", 1, [4, 5], 0.1)
+    write_run(runs, "LayerSelLLM-importance", 1, [0, 1], 0.5)  # the same layers: one row, mean NDCG
+    write_run(runs, "LayerSelLLM-text", 1, [], 0.2)
+    write_run(runs, "LayerSelLLM-random", 1, [2, 3], 0.9, status="failed")
+    write_run(runs, "LayerSelLLM-uniform", 2, [0, 5], 0.9)  # another seed
+    # content orders the sets as their NDCG does ([0, 1] > [] > [4, 5]), adapted the other way round.
+    monkeypatch.setattr(proxy_check, "proxies", lambda dataset, seed: {
+        "content": lambda layers: -abs(sum(layers) - 1), "adapted": lambda layers: abs(sum(layers) - 1)})
+    report = proxy_check.check("tiny", 1, runs)
+    rows = {tuple(row["layers"]): row for row in report["rows"]}
+    assert set(rows) == {(0, 1), (4, 5), ()} and rows[(0, 1)]["ndcg@10"] == pytest.approx(0.4)
+    assert rows[(0, 1)]["entries"] == {"LayerSelLLM-first-k2": 0.3, "LayerSelLLM-importance": 0.5}
+    assert report["spearman"] == {"content": pytest.approx(1.0), "adapted": pytest.approx(-1.0)}
+    assert report["split"] == "test"  # not every run recorded its validation NDCG
+    table = proxy_check.markdown(report)
+    assert "| [0, 1] | LayerSelLLM-first-k2, LayerSelLLM-importance | 0.4000 |" in table
+
+
+def test_fewer_than_three_layer_sets_cannot_be_correlated(tmp_path):
+    write_run(tmp_path, "LayerSelLLM-first-k2", 1, [0, 1], 0.3)
+    write_run(tmp_path, "LayerSelLLM-text", 1, [], 0.2)
+    with pytest.raises(LayerSelError, match="for 2 layer sets; a rank correlation needs at least 3"):
+        proxy_check.finished_runs(tmp_path, "tiny", 1)
+
+
+def test_validation_ndcg_is_used_when_every_run_recorded_it(tmp_path):
+    for entry, layers, ndcg in (("LayerSelLLM-a", [0], 0.3), ("LayerSelLLM-b", [1], 0.2),
+                                ("LayerSelLLM-c", [], 0.1)):
+        write_run(tmp_path, entry, 1, layers, ndcg, valid=ndcg + 1)
+    split, by_layers = proxy_check.finished_runs(tmp_path, "tiny", 1)
+    assert split == "valid" and by_layers[(0,)] == {"LayerSelLLM-a": 1.3}
