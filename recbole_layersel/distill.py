@@ -24,14 +24,15 @@ its layers built from a deep copy (building a compact backbone re-uses and re-nu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
 
-from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.backbone import Bridge, CompactBackbone
 from recbole_layersel.distributed import all_reduce_gradients, all_reduce_sum, my_batches, rank_and_world
 from recbole_layersel.errors import LayerSelError
 
@@ -122,9 +123,8 @@ def distill_bridges(
     measured on the held-out rows only. When N is too small to hold out a row (or heldout_fraction is 0)
     every row is used for both and the report says ``heldout_rows=0``.
 
-    Under a process group (``distributed.py``) every step's mini-batch is split over the processes and
-    their gradients are summed: the loss is normalised by the whole mini-batch's valid positions, so
-    the sum is the single-process gradient and every process takes the same step.
+    Under a process group (``distributed.py``) every step's mini-batch is split over the processes, which
+    sum their gradients and so all take the step a single process would.
 
     Only the bridges, plus the parameters named ``lora_*`` with `train_lora`, are trained; the layers' own
     weights stay as they are. When there is nothing to train (every bridge is the identity, as between
@@ -134,6 +134,27 @@ def distill_bridges(
     """
     _check_backbone(compact)
     attention_mask = _check_inputs(compact, inputs_embeds, attention_mask, teacher_last)
+    _check_settings(steps, reg_lambda, lr, batch_size, heldout_fraction)
+    teacher_kept = _kept_teacher_layers(compact, teacher_per_layer, inputs_embeds.shape)
+    kept_weights = _kept_layer_weights(compact, layer_weights, teacher_kept is not None)
+    trainable = _trainable_parameters(compact, train_lora)
+    train_rows, eval_rows, heldout_rows = _heldout_split(inputs_embeds.shape[0], heldout_fraction)
+
+    def evaluate() -> Fidelity:
+        return fidelity(compact, inputs_embeds[eval_rows], attention_mask[eval_rows], teacher_last[eval_rows])
+
+    before = evaluate()
+    if not trainable or steps == 0:
+        return DistillReport(before=before, after=before, losses=[], steps=0, heldout_rows=heldout_rows)
+    with _training_only(compact, trainable):
+        losses = _train(compact, trainable, inputs_embeds, attention_mask, teacher_last, teacher_kept,
+                        kept_weights, train_rows=train_rows, steps=steps, lr=lr, batch_size=batch_size,
+                        reg_lambda=reg_lambda, seed=seed)
+    after = evaluate()
+    return DistillReport(before=before, after=after, losses=losses, steps=steps, heldout_rows=heldout_rows)
+
+
+def _check_settings(steps, reg_lambda, lr, batch_size, heldout_fraction) -> None:
     if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 0:
         raise LayerSelError(f"steps={steps!r}; pass the number of optimiser steps, an integer >= 0.")
     if not isinstance(reg_lambda, Real) or not reg_lambda >= 0:
@@ -146,73 +167,93 @@ def distill_bridges(
             f"heldout_fraction={heldout_fraction!r}; pass a fraction in [0, 1), e.g. 0.25 "
             "(0 = hold out nothing)."
         )
-    teacher_kept = _kept_teacher_layers(compact, teacher_per_layer, inputs_embeds.shape)
-    kept_weights = _kept_layer_weights(compact, layer_weights, teacher_kept is not None)
 
+
+def _trainable_parameters(compact, train_lora: bool) -> list[torch.nn.Parameter]:
+    """The parameters of the non-identity bridges, then, with `train_lora`, those named ``lora_*``."""
     lora_parameters = [p for name, p in compact.named_parameters() if "lora_" in name]
     if train_lora and not lora_parameters:
         raise LayerSelError(
             "train_lora=True but the backbone has no LoRA adapters; inject them first with "
             "recbole_layersel.model.add_lora(backbone, r, alpha, dropout), or pass train_lora=False."
         )
+    trainable = [p for bridge in _trained_bridges(compact) for p in bridge.parameters()]
+    return trainable + lora_parameters if train_lora else trainable
+
+
+def _trained_bridges(compact) -> list[Bridge]:
     # Identity bridges have no parameters: between adjacent kept layers there is nothing to learn.
-    trained_bridges = [bridge for bridge in compact.bridges if bridge.kind != "identity"]
-    trainable = [p for bridge in trained_bridges for p in bridge.parameters()]
-    if train_lora:
-        trainable += lora_parameters
+    return [bridge for bridge in compact.bridges if bridge.kind != "identity"]
 
-    num_rows = inputs_embeds.shape[0]
+
+def _heldout_split(num_rows: int, heldout_fraction: float) -> tuple[int, slice, int]:
+    """(training rows, evaluated rows, held-out rows): the first rows are trained on and the last
+    ``int(num_rows * heldout_fraction)`` evaluated; when that is 0, every row is evaluated."""
     heldout_rows = int(num_rows * heldout_fraction)
-    train_rows = num_rows - heldout_rows  # the first rows; the held-out ones are the last
     eval_rows = slice(num_rows - heldout_rows, num_rows) if heldout_rows else slice(None)
+    return num_rows - heldout_rows, eval_rows, heldout_rows
 
-    def evaluate() -> Fidelity:
-        return fidelity(compact, inputs_embeds[eval_rows], attention_mask[eval_rows], teacher_last[eval_rows])
 
-    before = evaluate()
-    if not trainable or steps == 0:
-        return DistillReport(before=before, after=before, losses=[], steps=0, heldout_rows=heldout_rows)
-
+@contextmanager
+def _training_only(compact, trainable):
+    """Within it only `trainable` requires gradients and `compact` is in eval mode; on exit, also on
+    error, every requires_grad flag and train/eval mode is as found."""
     requires_grad = {parameter: parameter.requires_grad for parameter in compact.parameters()}
     modes = _training_modes(compact)
     try:
-        for parameter in compact.parameters():
-            parameter.requires_grad_(False)
+        compact.requires_grad_(False)
         for parameter in trainable:
             parameter.requires_grad_(True)
         compact.eval()
-        optimizer = torch.optim.Adam(trainable, lr=lr)
-        # Its own generator: the shuffling is reproducible without touching the global RNG.
-        generator = torch.Generator().manual_seed(seed)
-        remaining = torch.empty(0, dtype=torch.long)
-        losses = []
-        rank, world = rank_and_world()
-        for _ in range(steps):
-            if len(remaining) == 0:  # a new epoch over the training rows, in a new order
-                remaining = torch.randperm(train_rows, generator=generator)
-            batch, remaining = remaining[:batch_size], remaining[batch_size:]
-            mine = batch[rank::world]  # this process's share of the mini-batch
-            loss = torch.zeros(())
-            if len(mine):
-                loss = _distill_loss(
-                    compact, inputs_embeds[mine], attention_mask[mine], teacher_last[mine],
-                    None if teacher_kept is None else teacher_kept[:, mine], kept_weights,
-                    valid_elements=int(attention_mask[batch].sum()) * inputs_embeds.shape[-1],
-                )
-            if reg_lambda and rank == 0:  # once, not once per process
-                loss = loss + reg_lambda * sum(bridge.regularizer() for bridge in trained_bridges)
-            optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-            all_reduce_gradients(trainable)
-            optimizer.step()
-            losses.append(all_reduce_sum(loss.detach().double().cpu()).item())
+        yield
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
         _restore_training_modes(modes)
-    after = evaluate()
-    return DistillReport(before=before, after=after, losses=losses, steps=steps, heldout_rows=heldout_rows)
+
+
+def _train(compact, trainable, inputs_embeds, attention_mask, teacher_last, teacher_kept, kept_weights, *,
+           train_rows: int, steps: int, lr: float, batch_size: int, reg_lambda: float,
+           seed: int) -> list[float]:
+    """Take `steps` Adam steps on mini-batches of the first `train_rows` rows; return each step's loss.
+
+    Under a process group each process computes the loss of its share of the mini-batch, normalised by
+    the valid positions of the whole mini-batch, so the summed gradients are the single-process ones.
+    """
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    bridges = _trained_bridges(compact)
+    rank, world = rank_and_world()
+    losses = []
+    for batch in _shuffled_batches(train_rows, batch_size, steps, seed):
+        mine = batch[rank::world]
+        loss = torch.zeros(())
+        if len(mine):  # the last mini-batch of an epoch may leave a process without rows
+            loss = _distill_loss(
+                compact, inputs_embeds[mine], attention_mask[mine], teacher_last[mine],
+                None if teacher_kept is None else teacher_kept[:, mine], kept_weights,
+                valid_elements=int(attention_mask[batch].sum()) * inputs_embeds.shape[-1],
+            )
+        if reg_lambda and rank == 0:  # once, not once per process
+            loss = loss + reg_lambda * sum(bridge.regularizer() for bridge in bridges)
+        optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        all_reduce_gradients(trainable)  # also on a process without rows: every process joins it
+        optimizer.step()
+        losses.append(all_reduce_sum(loss.detach().double().cpu()).item())
+    return losses
+
+
+def _shuffled_batches(num_rows: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """`steps` mini-batches of row indices, epoch after epoch, each epoch a new order of all `num_rows`."""
+    # Its own generator: the shuffling is reproducible without touching the global RNG.
+    generator = torch.Generator().manual_seed(seed)
+    remaining = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(remaining) == 0:
+            remaining = torch.randperm(num_rows, generator=generator)
+        batch, remaining = remaining[:batch_size], remaining[batch_size:]
+        yield batch
 
 
 def _distill_loss(compact, inputs_embeds, attention_mask, teacher_last, teacher_kept, kept_weights,

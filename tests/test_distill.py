@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from recbole_layersel import distill
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.distill import DistillReport, Fidelity, distill_bridges, fidelity
 from recbole_layersel.errors import LayerSelError
@@ -183,20 +184,44 @@ def test_train_lora_trains_adapters_not_base_weights(source):
     assert "layers.0.self_attn.q_proj.base_layer.weight" in before_state
 
 
-def test_requires_grad_and_modes_are_restored(source):
-    _, inputs_embeds, attention_mask, teacher_last, _ = source
+def flags_and_modes(module):
+    return ({name: parameter.requires_grad for name, parameter in module.named_parameters()},
+            {name: submodule.training for name, submodule in module.named_modules()})
+
+
+def mixed_flags_and_modes(source):
+    """A compact backbone in train mode but for one layer, with some parameters frozen."""
     compact = compact_of(source, [0, 2, 5]).train()
     compact.layers[1].eval()
     compact.layers[0].requires_grad_(False)
     compact.bridges[1].requires_grad_(False)
-    flags = {name: parameter.requires_grad for name, parameter in compact.named_parameters()}
-    modes = {name: module.training for name, module in compact.named_modules()}
+    return compact
+
+
+def test_requires_grad_and_modes_are_restored(source):
+    _, inputs_embeds, attention_mask, teacher_last, _ = source
+    compact = mixed_flags_and_modes(source)
+    found = flags_and_modes(compact)
 
     distill_bridges(compact, inputs_embeds, attention_mask, teacher_last, steps=2)
     fidelity(compact, inputs_embeds, attention_mask, teacher_last)
 
-    assert {name: parameter.requires_grad for name, parameter in compact.named_parameters()} == flags
-    assert {name: module.training for name, module in compact.named_modules()} == modes
+    assert flags_and_modes(compact) == found
+
+
+def test_requires_grad_and_modes_are_restored_when_training_fails(source, monkeypatch):
+    _, inputs_embeds, attention_mask, teacher_last, _ = source
+    compact = mixed_flags_and_modes(source)
+    found = flags_and_modes(compact)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(distill, "_distill_loss", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        distill_bridges(compact, inputs_embeds, attention_mask, teacher_last, steps=2)
+
+    assert flags_and_modes(compact) == found
 
 
 @pytest.mark.parametrize(("change", "message"), [
