@@ -291,10 +291,7 @@ class CompactBackbone(nn.Module):
         and before the final norm), attentions[i] its attention probabilities (B, heads, T, T), which only
         the "eager" attention implementation provides.
         """
-        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
-        masks = self._attention_masks(inputs_embeds, attention_mask, position_ids)
-        hidden_states, layer_kwargs = self._embed_positions(inputs_embeds, position_ids)
-
+        hidden_states, context = self.prepare(inputs_embeds, attention_mask)
         attentions, hooks = [], []
         if output_attentions:
             implementations = {config._attn_implementation for config in self._configs()}
@@ -313,12 +310,10 @@ class CompactBackbone(nn.Module):
             ]
         per_layer = []
         try:
-            for i, (layer, layer_type) in enumerate(zip(self.layers, self.layer_types, strict=True)):
+            for i in range(len(self.layers)):
                 if i > 0:
                     hidden_states = self.bridges[i - 1](hidden_states)
-                hidden_states = layer(
-                    hidden_states, attention_mask=masks[layer_type], **layer_kwargs[layer_type]
-                )
+                hidden_states = self.run_layer(i, hidden_states, context)
                 if output_hidden_states:  # kept only when asked: each is a (B, T, H) tensor
                     per_layer.append(hidden_states)
         finally:
@@ -334,6 +329,20 @@ class CompactBackbone(nn.Module):
         if output_attentions:
             outputs += (tuple(attentions),)
         return outputs
+
+    def prepare(self, inputs_embeds: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The first kept layer's input, and the context every layer reads besides its input: per layer
+        type, the attention mask and position arguments of this batch (``run_layer``)."""
+        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        masks = self._attention_masks(inputs_embeds, attention_mask, position_ids)
+        hidden_states, layer_kwargs = self._embed_positions(inputs_embeds, position_ids)
+        context = {t: {"attention_mask": masks[t], **kwargs} for t, kwargs in layer_kwargs.items()}
+        return hidden_states, context
+
+    def run_layer(self, index: int, hidden_states: torch.Tensor, context: dict) -> torch.Tensor:
+        """Kept layer ``index`` on ``hidden_states``, with the batch's ``context`` from ``prepare``."""
+        return self.layers[index](hidden_states, **context[self.layer_types[index]])
 
     def _attention_masks(self, inputs_embeds, attention_mask, position_ids) -> dict:
         """The padding mask combined with causal (for BERT: bidirectional) masking, per layer type, in the

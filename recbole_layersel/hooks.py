@@ -184,12 +184,13 @@ def _importance(full: CompactBackbone, data: HookData, settings: ImportanceSetti
         importance = ImportanceResult(**cached)
         logger.info("Reusing layer importance from the stage cache.")
     else:
-        head = _warmed_up_head(full, data, settings)
-        inputs, mask = data.inputs()
+        def make_loss(full_states: torch.Tensor):
+            head = _warmed_up_head(full, full_states, data, settings)
+            return lambda states, rows: sample_loss(head, data.sample, states, rows)
+
         importance, teacher = compute_importance(
-            full, inputs, mask, lambda states, rows: sample_loss(head, data.sample, states, rows),
-            group_weights=settings.importance_group_weights, attention_top_k=settings.attention_top_k,
-            batch_size=settings.importance_batch_size)
+            full, *data.inputs(), make_loss, group_weights=settings.importance_group_weights,
+            attention_top_k=settings.attention_top_k, batch_size=settings.importance_batch_size)
         if is_main():
             cache.save_json("importance", key, importance.to_json())
     if out_dir is not None:
@@ -201,14 +202,15 @@ def _importance(full: CompactBackbone, data: HookData, settings: ImportanceSetti
     return importance, teacher
 
 
-def _warmed_up_head(full: CompactBackbone, data: HookData,
+def _warmed_up_head(full: CompactBackbone, full_states: torch.Tensor, data: HookData,
                     settings: ImportanceSettings) -> CompactRecommender:
-    """A fresh head (seeded) trained on the full model's states of the sample, so that the importance loss
-    is a recommender's loss, not a random head's; returned in eval mode (no dropout)."""
+    """A fresh head (seeded) trained on the full model's states of the sample (``full_states``), so that
+    the importance loss is a recommender's loss, not a random head's; returned in eval mode (no
+    dropout)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         head = CompactRecommender(full, data.title_inputs, data.title_prior, data.head)
-        states = _states(full, *data.inputs(), settings.importance_batch_size)["last"]
+        states = full_states.to(data.title_inputs.device)
         warm_up = AdaptSettings(settings.importance_warmup_steps, settings.learning_rate * 10,
                                 settings.importance_batch_size, settings.seed)
         adapt(head, data.sample, states, warm_up)
@@ -253,13 +255,13 @@ def _selection(llm, data: HookData, settings: HookSettings, importance: Importan
 
 
 def _proxy(llm, data: HookData, settings: HookSettings):
-    sel, dist, seed = settings.selection, settings.distill, settings.importance.seed
-    bridges = {"mlp_bridges": dist.mlp_bridges, "bridge_rank": dist.bridge_rank}
+    sel, dist = settings.selection, settings.distill
     if sel.selection_proxy == "content":
-        return ContentNDCG(llm, data.proxy, seed, **bridges)
+        return ContentNDCG(data.proxy)
     adapt_settings = AdaptSettings(sel.selection_adapt_steps, settings.importance.learning_rate * 10,
-                                   sel.selection_batch_size, seed)
-    return AdaptedNDCG(llm, data.proxy, adapt_settings, **bridges)
+                                   sel.selection_batch_size, settings.importance.seed)
+    return AdaptedNDCG(llm, data.proxy, adapt_settings, mlp_bridges=dist.mlp_bridges,
+                       bridge_rank=dist.bridge_rank)
 
 
 def _distill(compact: CompactBackbone, full: CompactBackbone, data: HookData, settings: HookSettings,

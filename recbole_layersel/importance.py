@@ -5,9 +5,9 @@ sample of user histories by nine criteria. Each has a direction: +1 if a higher 
 important layer, -1 if a lower one does.
 
 - ``fisher`` (+1): diagonal empirical Fisher information. For every sample row on its own, the squared
-  gradient of that row's recommendation loss with respect to every parameter of the layer, summed over
-  the layer's parameters; the mean over rows, divided by the layer's parameter count (so wide and narrow
-  layers compare). The loss is sensitive to layers with a large Fisher.
+  gradient of that row's recommendation loss with respect to every weight and bias of the layer's linear
+  maps (all its parameters but the norms' scales), summed over them; the mean over rows, divided by their
+  number (so wide and narrow layers compare). The loss is sensitive to layers with a large Fisher.
 - ``attention_entropy`` (-1): mean entropy (nats) of the attention distribution of a query over the keys,
   over heads and valid (non-padding) queries. Focused, low-entropy attention does specific work; a
   near-uniform one mostly averages.
@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.stats import rankdata
+from transformers.pytorch_utils import Conv1D
 
 from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.distributed import all_reduce_sum, my_batches
@@ -97,6 +98,8 @@ _GROUPS_HELP = "; ".join(f"{group} = {' + '.join(criteria)}" for group, criteria
 
 # Keeps ratios finite for an all-zero input vector; far below any real activation norm.
 _TINY_NORM = 1e-12
+# loss_fn(states, rows) -> scalar loss (see `compute_importance`)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _TOKEN_CRITERIA = ("norm_growth", "activation_variance", "block_influence")
 _ATTENTION_CRITERIA = ("attention_entropy", "attention_topk_mass")
 
@@ -267,7 +270,7 @@ def compute_importance(
     backbone: CompactBackbone,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    make_loss: Callable[[torch.Tensor], LossFn],
     *,
     group_weights: Mapping[str, float] | None = None,
     attention_top_k: int = 4,
@@ -277,19 +280,20 @@ def compute_importance(
 
     backbone: a CompactBackbone holding ALL layers of its source model (then it is the full model).
     inputs_embeds (N, T, H) and attention_mask (N, T) of 1/0, right-padded (each row's valid positions
-    first). loss_fn(states, rows) -> scalar loss, where states (B, T, H) are the backbone's final states
-    (after the final norm) of the batch and rows is a LongTensor, on the device of inputs_embeds, of its
-    row indices into the N rows (to look up histories and targets); it is called with one row at a time
-    (B = 1). group_weights: see `validate_group_weights`.
+    first). make_loss(final_states) -> loss_fn is called once, with the full model's final states
+    (N, T, H) of the sample (e.g. to warm a recommendation head up on them); loss_fn(states, rows) ->
+    scalar loss, where states (B, T, H) are the backbone's final states (after the final norm) of the
+    batch and rows is a LongTensor, on the device of inputs_embeds, of its row indices into the N rows (to
+    look up histories and targets); it is called with one row at a time (B = 1).
+    group_weights: see `validate_group_weights`.
 
-    Two passes, both shared out over the processes of a process group if there is one
-    (``distributed.py``: every sum and the teacher are all-reduced, so every process gets the
+    Two passes of mini-batches of `batch_size`, both shared out over the processes of a process group if
+    there is one (``distributed.py``: every sum and the teacher are all-reduced, so every process gets the
     single-process result), with the backbone in eval mode (dropout would make every statistic random):
-    the Fisher pass runs every row alone (a batch of one, B = 1) with gradients; the statistics pass runs
-    mini-batches of `batch_size` without gradients and with eager attention (for the probabilities). The
-    attention implementation, train/eval modes and requires_grad flags are restored afterwards, also on
-    error. Gradients are taken with torch.autograd.grad for the layer parameters only, so no `.grad` is
-    written anywhere (not even on parameters the loss_fn closure uses).
+    the statistics pass without gradients and with eager attention (for the probabilities), then the
+    Fisher pass with gradients (`_per_example_fisher`). The attention implementation and train/eval modes
+    are restored afterwards, also on error. No parameter gets a gradient (not even those the loss_fn
+    closure uses): gradients are taken for the layers' linear maps' outputs only.
 
     Returns (result, teacher) with teacher = {"last": (N, T, H) final states after the final norm,
     "per_layer": (L, N, T, H) each layer's output before the final norm}, detached, CPU float32.
@@ -299,67 +303,120 @@ def compute_importance(
     _check_positive_int("batch_size", batch_size)
     _check_inputs(backbone, inputs_embeds, attention_mask)
 
-    layer_params = [list(layer.parameters()) for layer in backbone.layers]
-    with _measuring(backbone, [param for layer in layer_params for param in layer]):
-        fisher = _per_example_fisher(backbone, inputs_embeds, attention_mask, loss_fn, layer_params)
+    with _evaluating(backbone):
         criteria, distances, teacher = _statistics_pass(
             backbone, inputs_embeds, attention_mask, attention_top_k, batch_size
         )
-    return _assemble({"fisher": fisher, **criteria}, distances, layer_params, weights), teacher
+        loss_fn = make_loss(teacher["last"])
+        fisher = _per_example_fisher(backbone, inputs_embeds, attention_mask, loss_fn, batch_size)
+    return _assemble({"fisher": fisher, **criteria}, distances, backbone, weights), teacher
 
 
 @contextmanager
-def _measuring(backbone: CompactBackbone, params: list[torch.nn.Parameter]) -> Iterator[None]:
-    """The backbone in eval mode (dropout would make every statistic random) and `params` requiring
-    gradients; train/eval modes and requires_grad flags are put back afterwards, also on error."""
-    saved_requires_grad = [param.requires_grad for param in params]
+def _evaluating(backbone: CompactBackbone) -> Iterator[None]:
+    """The backbone in eval mode (dropout would make every statistic random); each module's train/eval
+    mode is put back afterwards, also on error."""
     saved_training = {module: module.training for module in backbone.modules()}
     try:
         backbone.eval()
-        for param in params:
-            param.requires_grad_(True)
         yield
     finally:
-        for param, requires_grad in zip(params, saved_requires_grad, strict=True):
-            param.requires_grad_(requires_grad)
         for module, training in saved_training.items():
             module.training = training
 
 
-def _per_example_fisher(backbone, inputs_embeds, attention_mask, loss_fn, layer_params) -> torch.Tensor:
+def _per_example_fisher(backbone, inputs_embeds, attention_mask, loss_fn, batch_size) -> torch.Tensor:
     """(L,) diagonal empirical Fisher per layer: the mean over rows of the squared gradient of that one
-    row's loss, summed over the layer's parameters, divided by their number.
+    row's loss with respect to the layer's linear maps (weights and biases: all of a transformer layer's
+    parameters but its norms' scales, 99.97 % of a SmolLM2 layer), summed over them, divided by their
+    number.
 
-    Each row runs alone as a batch of one (its full padded length and its mask row). The squared gradient
-    of a mini-batch's loss would not do: the rows' gradients partly cancel before squaring, so it
-    measures the mean gradient, and shrinks as the batch grows. Rows are shared out over processes and
-    the sums all-reduced.
+    The squared gradient of a mini-batch's loss would not do: the rows' gradients partly cancel before
+    squaring, so it measures the mean gradient, and shrinks as the batch grows. Rows do not interact in
+    a forward pass (eval mode; attention stays within a row), so a mini-batch runs at once and the gradient
+    of its summed per-row losses with respect to a linear map's output y = x W^T + b is, at row b, row b's
+    own g_b; row b's weight gradient g_b^T x_b then has the squared norm sum over positions t, s of
+    (x_b x_b^T)_ts (g_b g_b^T)_ts, computed without forming it (Goodfellow 2015, "Efficient per-example
+    gradient computations"), and its bias gradient the sum of g_b over positions. No parameter gradient is
+    computed at all. Rows are shared out over processes and the sums all-reduced.
     """
-    params = [param for layer in layer_params for param in layer]
-    param_layers = torch.tensor([index for index, layer in enumerate(layer_params) for _ in layer])
-    device, dtype = params[0].device, backbone.dtype
+    maps = [[module for module in layer.modules() if isinstance(module, _LINEAR_MAPS)]
+            for layer in backbone.layers]
+    device, dtype = next(backbone.layers.parameters()).device, backbone.dtype
     num_rows = inputs_embeds.shape[0]
-    squared_sums = torch.zeros(len(layer_params), dtype=torch.float64)
-    with torch.enable_grad():
-        for row, _ in my_batches(num_rows, 1):
-            states = backbone(inputs_embeds[row:row + 1].detach().to(device=device, dtype=dtype),
-                              attention_mask[row:row + 1].to(device))
-            loss = loss_fn(states, torch.tensor([row], device=inputs_embeds.device))
-            _check_loss(loss)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            unused = torch.zeros((), device=device)  # the gradient of a parameter the loss does not use
-            squared = torch.stack([unused if grad is None else grad.float().pow(2).sum() for grad in grads])
-            squared_sums.index_add_(0, param_layers, squared.double().cpu())
-    param_counts = torch.tensor([sum(param.numel() for param in layer) for layer in layer_params])
-    return all_reduce_sum(squared_sums) / num_rows / param_counts
+    squared_sums = torch.zeros(len(maps), dtype=torch.float64)
+    with _recording_linear_maps(maps) as calls, torch.enable_grad():
+        for start, stop in my_batches(num_rows, batch_size):
+            inputs = inputs_embeds[start:stop].detach().to(device=device, dtype=dtype).requires_grad_(True)
+            states = backbone(inputs, attention_mask[start:stop].to(device))
+            rows = torch.arange(start, stop, device=inputs_embeds.device)
+            loss = sum(_checked(loss_fn(states[i:i + 1], rows[i:i + 1])) for i in range(stop - start))
+            recorded = [(index, module, x, output) for index, layer_calls in enumerate(calls)
+                        for module, (x, output) in layer_calls.items()]
+            grads = torch.autograd.grad(loss, [output for *_, output in recorded], allow_unused=True)
+            for (index, module, x, _), grad in zip(recorded, grads, strict=True):
+                if grad is not None:  # None: the loss does not depend on this map
+                    squared_sums[index] += _squared_gradient_norms(module, x, grad).sum().double().cpu()
+            for layer_calls in calls:
+                layer_calls.clear()
+    sizes = torch.tensor([sum(_parameter_count(module) for module in layer) for layer in maps])
+    return all_reduce_sum(squared_sums) / num_rows / sizes
 
 
-def _check_loss(loss) -> None:
+# What a linear map is: torch's, and GPT-2's Conv1D (y = x W + b, W stored transposed).
+_LINEAR_MAPS = (torch.nn.Linear, Conv1D)
+
+
+@contextmanager
+def _recording_linear_maps(maps: list[list[torch.nn.Module]]) -> Iterator[list[dict]]:
+    """calls[l]: linear map -> (its input, detached; its output, still in the graph) for each of layer
+    l's maps called in the forward passes since calls[l] was last cleared; the hooks are removed
+    afterwards, also on error."""
+    calls: list[dict] = [{} for _ in maps]
+
+    def recorder(layer: int):
+        def record(module, args, output):
+            if module in calls[layer]:
+                raise LayerSelError(
+                    f"{type(module).__name__} in layer {layer} ran twice in one forward pass; the per-row "
+                    "Fisher needs each linear map of a layer to run once (no shared weights)."
+                )
+            calls[layer][module] = (args[0].detach(), output)
+        return record
+
+    hooks = [module.register_forward_hook(recorder(layer))
+             for layer, modules in enumerate(maps) for module in modules]
+    try:
+        yield calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _squared_gradient_norms(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """(B,) squared norm of each row's gradient of a linear map's weight and bias, from its input x
+    (B, ..., d_in) and the gradient at its output (B, ..., d_out)."""
+    x, grad = x.float().flatten(1, -2), grad.float().flatten(1, -2)
+    squared = ((x @ x.transpose(1, 2)) * (grad @ grad.transpose(1, 2))).sum((1, 2))
+    return squared + grad.sum(1).pow(2).sum(1) if module.bias is not None else squared
+
+
+def _parameter_count(module: torch.nn.Module) -> int:
+    """A linear map's number of weights and biases (from its shape: a quantised weight stores fewer)."""
+    if isinstance(module, torch.nn.Linear):
+        weights = module.in_features * module.out_features
+    else:
+        weights = module.weight.numel()
+    return weights + (module.bias.numel() if module.bias is not None else 0)
+
+
+def _checked(loss) -> torch.Tensor:
     if not (isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.requires_grad):
         raise LayerSelError(
             f"loss_fn must return a scalar tensor that depends on the states, got {loss!r}; "
             "return e.g. a cross-entropy over the items for these rows."
         )
+    return loss
 
 
 def _statistics_pass(backbone, inputs_embeds, attention_mask, attention_top_k, batch_size):
@@ -439,9 +496,10 @@ def _recording_layer_inputs(backbone: CompactBackbone) -> Iterator[list[torch.Te
             hook.remove()
 
 
-def _assemble(raw_tensors, distances, layer_params, group_weights) -> ImportanceResult:
+def _assemble(raw_tensors, distances, backbone, group_weights) -> ImportanceResult:
     """The result from the per-layer criteria (tensors), the distance matrix and the layers' parameters."""
     raw = {name: raw_tensors[name].tolist() for name in CRITERIA}
+    layer_params = [list(layer.parameters()) for layer in backbone.layers]
     with torch.no_grad():
         weight_magnitude = [
             sum(param.abs().sum(dtype=torch.float64).item() for param in layer)

@@ -52,6 +52,7 @@ from recbole_layersel.samples import sample_sequences
 from recbole_layersel.selection import DATA_FREE_STRATEGIES, check_strategy, select_layers
 from recbole_layersel.titles import (
     TITLE_CODE,
+    TitlePriors,
     TitleSettings,
     backbone_fingerprint,
     cached_title_embeddings,
@@ -284,19 +285,15 @@ class LayerSelLLM(SequentialRecommender):
                         {"llm": self.llm_fingerprint, "dataset": self.config["dataset"],
                          "titles_sha256": self.titles_sha256})
         if sel.searches():
-            def encode_prior(backbone, items):
-                titles = ["", *(self.item_title_texts[i] for i in items.tolist())]  # row 0: padding
-                encoded = encode_titles(backbone, llm.get_input_embeddings(), tokenizer, titles,
-                                        TitleSettings.from_config(self.config), data_parallel=False,
-                                        batch_size=self.config["title_batch_size"], show_progress=False)
-                return encoded["prior"][1:].to(self.device)
-
+            title_settings = TitleSettings.from_config(self.config)
+            priors = TitlePriors(llm, tokenizer, self.item_title_texts, title_settings,
+                                 batch_size=self.config["title_batch_size"])
             adapts = sel.selection_proxy == "adapted"
             data.proxy = ProxyData(
                 sample(train_data, sel.selection_train_users, imp.seed + 2, "selection_train_users") if adapts
                 else None,
                 sample(valid_data, sel.selection_sample_users, imp.seed + 1, "selection_sample_users"),
-                compact.title_inputs, encode_prior, compact.head_config)
+                compact.title_inputs, priors, compact.head_config)
         return data
 
     def before_training(self, train_data, *eval_data) -> None:

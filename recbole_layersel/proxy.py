@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from recbole_layersel.backbone import CompactBackbone, seeded_backbone
+from recbole_layersel.backbone import seeded_backbone
 from recbole_layersel.compact import CompactRecommender, HeadConfig
 from recbole_layersel.samples import SequenceSample
 
@@ -33,8 +33,9 @@ class ProxyData:
     train: SequenceSample | None  # the adapted proxy's head trains on these histories
     valid: SequenceSample  # the proxies score these
     title_inputs: torch.Tensor  # (n_items, H): each item's input to the backbone (row 0 padding)
-    # (backbone, item ids (M,)) -> the items' text prior (M, H) through that backbone
-    encode_prior: Callable[[CompactBackbone, torch.Tensor], torch.Tensor]
+    # layers -> every item's text prior (n_items, H) through them, bridges at their identity start
+    # (``titles.TitlePriors``)
+    priors: Callable[[list[int]], torch.Tensor]
     head: HeadConfig
 
 
@@ -47,20 +48,16 @@ class AdaptSettings:
 
 
 class ContentNDCG:
-    """``proxy(layers) -> float``: the content proxy (module docstring) for one set of ``llm``'s layers."""
+    """``proxy(layers) -> float``: the content proxy (module docstring) for one set of layers."""
 
-    def __init__(self, llm, data: ProxyData, seed: int, mlp_bridges: bool = False,
-                 bridge_rank: int | None = None):
-        self.llm, self.data, self.seed = llm, data, seed
-        self.bridges = {"mlp_bridges": mlp_bridges, "bridge_rank": bridge_rank}
-        self.items = torch.arange(1, len(data.title_inputs), device=data.valid.item_seq.device)
+    def __init__(self, data: ProxyData):
+        self.data = data
 
     @torch.no_grad()
     def __call__(self, layers: list[int]) -> float:
-        backbone = seeded_backbone(self.llm, layers, self.seed, **self.bridges).eval()
-        prior = _with_padding_row(self.data.encode_prior(backbone, self.items))
         valid = self.data.valid
-        return content_ndcg_at_10(prior.float().cpu(), valid.item_seq.cpu(), valid.targets.cpu())
+        return content_ndcg_at_10(self.data.priors(layers).float().cpu(), valid.item_seq.cpu(),
+                                  valid.targets.cpu())
 
 
 def content_ndcg_at_10(vectors: torch.Tensor, item_seq: torch.Tensor, targets: torch.Tensor) -> float:
@@ -100,8 +97,7 @@ class AdaptedNDCG:
     def __call__(self, layers: list[int]) -> float:
         s = self.settings
         backbone = seeded_backbone(self.llm, layers, s.seed, **self.bridges).eval()
-        with torch.no_grad():
-            prior = _with_padding_row(self.data.encode_prior(backbone, self.items))
+        prior = _with_padding_row(self.data.priors(layers)[self.items].to(self.data.title_inputs.device))
         inputs = _with_padding_row(self.data.title_inputs[self.items])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)

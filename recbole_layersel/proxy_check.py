@@ -60,7 +60,7 @@ def proxies(dataset: str, seed: int) -> dict:
     selection = settings.selection
     adapt = AdaptSettings(selection.selection_adapt_steps, config["learning_rate"] * 10,
                           selection.selection_batch_size, seed)
-    return {"content": ContentNDCG(llm, data, seed), "adapted": AdaptedNDCG(llm, data, adapt)}
+    return {"content": ContentNDCG(data), "adapted": AdaptedNDCG(llm, data, adapt)}
 
 
 def check(dataset: str, seed: int, runs: Path) -> dict:

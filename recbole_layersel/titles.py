@@ -14,12 +14,14 @@ Row 0 is RecBole's padding item and stays zero.
 
 import hashlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.distributed import all_reduce_sum, from_main, is_main, my_batches
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import StageCache, StageSettings
@@ -83,19 +85,89 @@ def encode_titles(backbone, embed_tokens, tokenizer, titles: list[str], settings
     encoded = {name: torch.zeros(len(titles), embed_tokens.weight.shape[1]) for name in ("inputs", "prior")}
     batches = my_batches(len(titles), batch_size) if data_parallel else \
         [(start, min(start + batch_size, len(titles))) for start in range(0, len(titles), batch_size)]
+    order = by_length(tokenizer, titles, settings.title_max_tokens)
     for start, stop in tqdm(batches, desc="encode titles", unit="batch", disable=not show_progress):
-        batch = tokenizer(titles[start:stop], padding=True, truncation=True,
+        rows = order[start:stop]
+        batch = tokenizer([titles[row] for row in rows], padding=True, truncation=True,
                           max_length=settings.title_max_tokens, return_tensors="pt").to(device)
         token_inputs = embed_tokens(batch["input_ids"])
-        encoded["inputs"][start:stop] = pool(token_inputs, batch["attention_mask"], "mean").float().cpu()
+        encoded["inputs"][rows] = pool(token_inputs, batch["attention_mask"], "mean").float().cpu()
         hidden = backbone(token_inputs.to(backbone.dtype), attention_mask=batch["attention_mask"])
-        encoded["prior"][start:stop] = pool(hidden, batch["attention_mask"], pooling).float().cpu()
+        encoded["prior"][rows] = pool(hidden, batch["attention_mask"], pooling).float().cpu()
     backbone.train(was_training)
     if data_parallel:
         encoded = {name: all_reduce_sum(tensor) for name, tensor in encoded.items()}
     for name in encoded:  # RecBole's padding item 0 has no title
         encoded[name][0] = 0
     return encoded
+
+
+class TitlePriors:
+    """``priors(layers) -> (n, H)``: ``encode_titles``'s prior of every title (on the CPU, row 0 zero)
+    through a set of the source model's layers joined by identity bridges, the bridges' start: the layers
+    run one after the other. So are the greedy search's candidate sets, and they share their lower layers:
+    the titles' states after each run of layers are kept (the least recently used dropped first beyond
+    ``cache_bytes``), and a set runs only the layers above its longest kept prefix. The titles are
+    tokenised on the first call."""
+
+    def __init__(self, llm, tokenizer, titles: list[str], settings: TitleSettings, *, batch_size: int,
+                 cache_bytes: int = 2**31):
+        if settings.title_pooling not in POOLINGS:
+            raise LayerSelError(f"title_pooling={settings.title_pooling!r} is not supported; use one of "
+                                f"{POOLINGS}.")
+        num_layers = getattr(llm.config, "text_config", llm.config).num_hidden_layers
+        self.full = CompactBackbone(llm, list(range(num_layers))).eval()
+        self.embed_tokens, self.tokenizer, self.titles = llm.get_input_embeddings(), tokenizer, titles
+        self.settings, self.batch_size, self.cache_bytes = settings, batch_size, cache_bytes
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]] = []
+        self.kept: OrderedDict[tuple[int, ...], list[torch.Tensor]] = OrderedDict()
+
+    @torch.no_grad()
+    def __call__(self, layers: list[int]) -> torch.Tensor:
+        layers = sorted(layers)
+        batches = self.batches or self._tokenised()
+        done = next((n for n in range(len(layers), 0, -1) if tuple(layers[:n]) in self.kept), 0)
+        states = [hidden for _, _, hidden, _ in batches]
+        if done:
+            states = self.kept[tuple(layers[:done])]
+            self.kept.move_to_end(tuple(layers[:done]))  # used again: dropped last
+        for n in range(done, len(layers)):
+            states = [self.full.run_layer(layers[n], hidden, context)
+                      for hidden, (_, _, _, context) in zip(states, batches, strict=True)]
+            self._keep(tuple(layers[:n + 1]), states)
+        prior = torch.zeros(len(self.titles), self.full.config.hidden_size)
+        for hidden, (rows, mask, _, _) in zip(states, batches, strict=True):
+            prior[rows] = pool(self.full.norm(hidden), mask, self.settings.title_pooling).float().cpu()
+        prior[0] = 0  # RecBole's padding item has no title
+        return prior
+
+    def _tokenised(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
+        """Per batch of titles of about one length: their rows, attention mask, the first layer's input
+        and the layers' context."""
+        pad_right(self.tokenizer)
+        order = by_length(self.tokenizer, self.titles, self.settings.title_max_tokens)
+        device = self.embed_tokens.weight.device
+        for start in range(0, len(self.titles), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            batch = self.tokenizer([self.titles[row] for row in rows], padding=True, truncation=True,
+                                   max_length=self.settings.title_max_tokens, return_tensors="pt").to(device)
+            mask = batch["attention_mask"]
+            inputs = self.embed_tokens(batch["input_ids"]).to(self.full.dtype)
+            self.batches.append((rows, mask, *self.full.prepare(inputs, mask)))
+        return self.batches
+
+    def _keep(self, layers: tuple[int, ...], states: list[torch.Tensor]) -> None:
+        self.kept[layers] = states
+        while len(self.kept) > 1 and sum(hidden.nbytes for kept in self.kept.values()
+                                         for hidden in kept) > self.cache_bytes:
+            self.kept.popitem(last=False)
+
+
+def by_length(tokenizer, titles: list[str], max_tokens: int) -> torch.Tensor:
+    """The titles' indices from fewest to most tokens: batched in this order, titles are padded to about
+    their own length (batched as given, ml-100k's titles would be 3.4 times their tokens)."""
+    lengths = [len(ids) for ids in tokenizer(titles, truncation=True, max_length=max_tokens)["input_ids"]]
+    return torch.tensor(sorted(range(len(titles)), key=lengths.__getitem__), dtype=torch.long)
 
 
 def pad_right(tokenizer) -> None:

@@ -49,7 +49,7 @@ def importance_and_distillation() -> dict:
         return torch.nn.functional.cross_entropy(last_states @ head, targets[rows])
 
     full = CompactBackbone(model, list(range(NUM_LAYERS)))
-    result, teacher = compute_importance(full, inputs, mask, rec_loss, batch_size=BATCH)
+    result, teacher = compute_importance(full, inputs, mask, lambda _: rec_loss, batch_size=BATCH)
     compact = CompactBackbone(AutoModel.from_config(config).eval(), [0, 3, 5], bridge_rank=4)
     torch.manual_seed(2)  # the same bridge initialisation in every process
     for bridge in compact.bridges:

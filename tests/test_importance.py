@@ -72,6 +72,11 @@ def cross_entropy_loss(head, targets):
     return loss
 
 
+def given(loss_fn):
+    """A make_loss that ignores the full model's final states and returns ``loss_fn``."""
+    return lambda _final_states: loss_fn
+
+
 def reference_pass(model, inputs):
     """The HF model's own eager forward: per-layer inputs and outputs (hooks), attention probabilities
     and the final states."""
@@ -94,14 +99,16 @@ def llama_run():
     backbone = full_backbone(make_model("llama"))
     loss_fn = cross_entropy_loss(head, targets)
     result, teacher = compute_importance(
-        backbone, inputs, MASK, loss_fn, attention_top_k=TOP_K, batch_size=BATCH_SIZE
+        backbone, inputs, MASK, given(loss_fn), attention_top_k=TOP_K, batch_size=BATCH_SIZE
     )
     return result, teacher, make_model("llama", "eager"), inputs, head, targets
 
 
 def test_fisher_is_mean_of_per_row_squared_gradients(llama_run):
     result, _, reference, inputs, head, targets = llama_run
-    params_by_layer = [list(layer.parameters()) for layer in reference.layers]
+    # The layers' linear maps: every parameter but the norms' scales.
+    params_by_layer = [[module.weight for module in layer.modules() if isinstance(module, torch.nn.Linear)]
+                       for layer in reference.layers]
     param_counts = torch.tensor([sum(p.numel() for p in layer) for layer in params_by_layer])
 
     def squared_gradient_per_parameter(rows):
@@ -121,6 +128,44 @@ def test_fisher_is_mean_of_per_row_squared_gradients(llama_run):
     # far from it, so this test tells the two apart.
     per_batch = torch.stack([squared_gradient_per_parameter(rows) for rows in BATCHES]).mean(0)
     assert ((per_batch / expected - 1).abs() > 0.1).all()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "bert"])
+def test_fisher_counts_the_biases_of_every_family_linear_maps(family):
+    """GPT-2's Conv1D maps, Qwen2's attention biases, BERT's Linear maps with biases: the batched Fisher
+    equals the per-row squared gradients of their weights and biases."""
+    inputs, head, targets = sample()
+    backbone = full_backbone(make_model(family))
+    loss_fn = cross_entropy_loss(head, targets)
+    result, _ = compute_importance(backbone, inputs, MASK, given(loss_fn), batch_size=BATCH_SIZE)
+    maps = [[module for module in layer.modules() if isinstance(module, importance._LINEAR_MAPS)]
+            for layer in backbone.layers]
+    params = [[p for module in layer for p in (module.weight, module.bias) if p is not None]
+              for layer in maps]
+    assert any(module.bias is not None for layer in maps for module in layer)
+    backbone.requires_grad_(True)
+    per_row = []
+    for row in range(len(LENGTHS)):
+        loss = loss_fn(backbone(inputs[row:row + 1], MASK[row:row + 1]), torch.tensor([row]))
+        per_row.append([sum(grad.double().pow(2).sum() for grad in torch.autograd.grad(loss, layer,
+                                                                                          retain_graph=True))
+                        / sum(p.numel() for p in layer) for layer in params])
+    expected = torch.tensor(per_row).mean(0)
+    assert result.raw["fisher"] == pytest.approx(expected.tolist(), rel=1e-4)
+
+
+def test_make_loss_gets_the_full_models_final_states_once(llama_run):
+    _, teacher, *_ = llama_run
+    inputs, head, targets = sample()
+    seen = []
+
+    def make_loss(final_states):
+        seen.append(final_states)
+        return cross_entropy_loss(head, targets)
+
+    compute_importance(full_backbone(make_model("llama")), inputs, MASK, make_loss, batch_size=BATCH_SIZE)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], teacher["last"])
 
 
 def test_attention_criteria_match_hf_attention_probabilities(llama_run):
@@ -236,7 +281,7 @@ def test_identity_layer_has_zero_influence_and_topk_mass_one_for_k_at_least_t():
         layer.mlp.down_proj.weight.zero_()
     inputs, head, targets = sample()
     result, _ = compute_importance(
-        full_backbone(model), inputs, MASK, cross_entropy_loss(head, targets), attention_top_k=SEQ_LEN
+        full_backbone(model), inputs, MASK, given(cross_entropy_loss(head, targets)), attention_top_k=SEQ_LEN
     )
     raw, matrix = result.raw, result.angular_distance_matrix
     others = [i for i in range(NUM_LAYERS) if i != IDENTITY_LAYER]
@@ -271,14 +316,15 @@ def test_restores_attention_implementation_flags_modes_and_leaves_no_grad():
         assert [len(layer._forward_pre_hooks) for layer in backbone.layers] == hook_counts
         assert all(p.grad is None for p in backbone.parameters()) and head.grad is None
 
-    compute_importance(backbone, inputs, MASK, cross_entropy_loss(head, targets), batch_size=BATCH_SIZE)
+    loss_fn = cross_entropy_loss(head, targets)
+    compute_importance(backbone, inputs, MASK, given(loss_fn), batch_size=BATCH_SIZE)
     check_restored()
 
     def failing_loss(states, rows):
         raise RuntimeError("loss failed")
 
     with pytest.raises(RuntimeError, match="loss failed"):
-        compute_importance(backbone, inputs, MASK, failing_loss)
+        compute_importance(backbone, inputs, MASK, given(failing_loss))
     check_restored()
 
 
@@ -288,8 +334,8 @@ def test_other_families_smoke(family):
     backbone = full_backbone(make_model(family))
     backbone.train()  # dropout in GPT-2 and BERT: the pass must run in eval mode to be reproducible
     loss_fn = cross_entropy_loss(head, targets)
-    result, teacher = compute_importance(backbone, inputs, MASK, loss_fn, batch_size=BATCH_SIZE)
-    again, _ = compute_importance(backbone, inputs, MASK, loss_fn, batch_size=BATCH_SIZE)
+    result, teacher = compute_importance(backbone, inputs, MASK, given(loss_fn), batch_size=BATCH_SIZE)
+    again, _ = compute_importance(backbone, inputs, MASK, given(loss_fn), batch_size=BATCH_SIZE)
     assert result.raw == again.raw
     assert backbone.training and backbone.config._attn_implementation == "sdpa"
     for name, values in result.raw.items():
@@ -315,25 +361,25 @@ def test_bad_masks_are_rejected(mask, match):
     inputs, head, targets = sample()
     backbone = full_backbone(make_model("llama"))
     with pytest.raises(LayerSelError, match=match):
-        compute_importance(backbone, inputs, mask, cross_entropy_loss(head, targets))
+        compute_importance(backbone, inputs, mask, given(cross_entropy_loss(head, targets)))
 
 
 def test_bad_backbone_arguments_and_loss_are_rejected():
     inputs, head, targets = sample()
     loss_fn = cross_entropy_loss(head, targets)
     with pytest.raises(LayerSelError, match=r"keeps only layers \[0, 2\] of 6.*list\(range\(6\)\)"):
-        compute_importance(CompactBackbone(make_model("llama"), [0, 2]), inputs, MASK, loss_fn)
+        compute_importance(CompactBackbone(make_model("llama"), [0, 2]), inputs, MASK, given(loss_fn))
     backbone = full_backbone(make_model("llama"))
     with pytest.raises(LayerSelError, match="batch_size must be a positive integer, got 0"):
-        compute_importance(backbone, inputs, MASK, loss_fn, batch_size=0)
+        compute_importance(backbone, inputs, MASK, given(loss_fn), batch_size=0)
     with pytest.raises(LayerSelError, match="attention_top_k must be a positive integer, got 1.5"):
-        compute_importance(backbone, inputs, MASK, loss_fn, attention_top_k=1.5)
+        compute_importance(backbone, inputs, MASK, given(loss_fn), attention_top_k=1.5)
     with pytest.raises(LayerSelError, match=r"inputs_embeds must have shape \(N >= 1, T, 32\)"):
-        compute_importance(backbone, inputs[..., :16], MASK, loss_fn)
+        compute_importance(backbone, inputs[..., :16], MASK, given(loss_fn))
     with pytest.raises(LayerSelError, match=r"unknown importance groups \['fishr'\]"):
-        compute_importance(backbone, inputs, MASK, loss_fn, group_weights={"fishr": 1.0})
+        compute_importance(backbone, inputs, MASK, given(loss_fn), group_weights={"fishr": 1.0})
     with pytest.raises(LayerSelError, match="loss_fn must return a scalar tensor"):
-        compute_importance(backbone, inputs, MASK, lambda states, rows: states.sum(-1))
+        compute_importance(backbone, inputs, MASK, given(lambda states, rows: states.sum(-1)))
     assert backbone.config._attn_implementation == "sdpa"
 
 

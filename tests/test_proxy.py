@@ -39,12 +39,14 @@ def proxy_parts():
     title_inputs[0] = 0
     seen = []
 
-    def encode_prior(backbone, items):  # a one-token title per item
-        seen.append(list(backbone.selected_layers))
-        return backbone(title_inputs[items].unsqueeze(1), torch.ones(len(items), 1, dtype=torch.long))[:, 0]
+    def priors(layers):  # a one-token title per item
+        seen.append(list(layers))
+        with torch.no_grad():
+            prior = CompactBackbone(llm, layers)(title_inputs.unsqueeze(1), torch.ones(NUM_ITEMS, 1).long())
+        return torch.cat([torch.zeros(1, HIDDEN), prior[1:, 0]])
 
     data = ProxyData(successor_sample(range(32), 5, seed=1), successor_sample(range(32, 48), 5, seed=2),
-                     title_inputs, encode_prior, HEAD)
+                     title_inputs, priors, HEAD)
     return llm, data, seen
 
 
@@ -59,7 +61,7 @@ def test_the_score_is_a_seeded_ndcg_of_the_layer_set_given(proxy_parts):
     # Targets the histories do not predict: the ranking is all representation, so layer sets differ.
     valid = data.valid
     shuffled = SequenceSample(valid.users, valid.item_seq, valid.lengths, valid.targets.flip(0))
-    data = ProxyData(data.train, shuffled, data.title_inputs, data.encode_prior, data.head)
+    data = ProxyData(data.train, shuffled, data.title_inputs, data.priors, data.head)
     score = proxy(proxy_parts, data=data)([0, 3])
     assert 0.0 <= score <= 1.0 and score == proxy(proxy_parts, data=data)([0, 3])
     assert seen[-1] == [0, 3]  # the titles went through the candidate's own layers
@@ -103,10 +105,8 @@ def test_ndcg_ranks_the_target_without_the_padding_and_the_historys_items():
 
 
 def test_the_content_proxy_ranks_every_item_by_the_candidates_prior(proxy_parts):
-    llm, data, seen = proxy_parts
-    score = ContentNDCG(llm, data, seed=3)([2, 5])
-    assert seen[-1] == [2, 5] and score == ContentNDCG(llm, data, seed=3)([2, 5])
-    backbone = CompactBackbone(llm, [2, 5])
-    prior = torch.cat([torch.zeros(1, HIDDEN), data.encode_prior(backbone, torch.arange(1, NUM_ITEMS))])
-    assert score == content_ndcg_at_10(prior.detach(), data.valid.item_seq, data.valid.targets)
-    assert ContentNDCG(llm, data, seed=3)([0]) != score
+    _, data, seen = proxy_parts
+    score = ContentNDCG(data)([2, 5])
+    assert seen[-1] == [2, 5] and score == ContentNDCG(data)([2, 5])
+    assert score == content_ndcg_at_10(data.priors([2, 5]), data.valid.item_seq, data.valid.targets)
+    assert ContentNDCG(data)([0]) != score

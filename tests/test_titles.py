@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.backbone import CompactBackbone, seeded_backbone
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.llm import load_llm
-from recbole_layersel.titles import TitleSettings, backbone_fingerprint, encode_titles
+from recbole_layersel.titles import TitlePriors, TitleSettings, backbone_fingerprint, encode_titles
 from tests.tiny_models import CONFIGS, NUM_LAYERS, save_tiny_llm
 
 TITLES = ["", "item number 1", "item 2", "number 3 item 4"]  # row 0: RecBole's padding item
@@ -71,6 +71,56 @@ def test_last_token_pooling_reads_each_titles_last_token(llm):
         assert torch.allclose(encoded["prior"][i], alone[0, -1], atol=1e-5)
 
 
+def test_titles_are_batched_by_length_and_written_to_their_own_rows(llm):
+    model, tokenizer = llm
+    titles = ["", "a much longer title of an item", "item 2", "another long title of an item too", "item 3"]
+    backbone = CompactBackbone(model, [0])
+    widths = []
+    backbone.register_forward_pre_hook(lambda _module, args: widths.append(args[0].shape[1]))
+    wide = settings(title_max_tokens=32)
+    encoded = encode_titles(backbone, model.get_input_embeddings(), tokenizer, titles, wide, batch_size=2,
+                            show_progress=False)
+    lengths = sorted(len(tokenizer(title)["input_ids"]) for title in titles)
+    assert widths == [max(lengths[start:start + 2]) for start in range(0, len(titles), 2)]
+    for i, title in enumerate(titles[1:], start=1):
+        alone = encode_titles(backbone, model.get_input_embeddings(), tokenizer, ["", title], wide,
+                              batch_size=2, show_progress=False)
+        assert torch.allclose(encoded["prior"][i], alone["prior"][1], atol=1e-5)
+
+
 def test_an_unknown_pooling_is_named(llm):
     with pytest.raises(LayerSelError, match=r"title_pooling='max' is not supported; use one of"):
         encode(llm, [0], title_pooling="max")
+
+
+@pytest.mark.parametrize("mlp_bridges", [False, True])
+def test_title_priors_are_the_priors_of_the_layer_sets_at_their_identity_bridges(llm, mlp_bridges):
+    model, tokenizer = llm
+    priors = TitlePriors(model, tokenizer, TITLES, settings(), batch_size=2)
+    for layers in ([0, 2], [0, 1], [0, 1, 5], [], [3], [0, 2]):  # gaps of 2 and 4: linear, residual bridges
+        backbone = seeded_backbone(model, layers, seed=7, mlp_bridges=mlp_bridges)
+        expected = encode_titles(backbone, model.get_input_embeddings(), tokenizer, TITLES, settings(),
+                                 batch_size=2, show_progress=False)["prior"]
+        torch.testing.assert_close(priors(layers), expected)
+
+
+def test_title_priors_run_only_the_layers_above_the_longest_kept_prefix(llm):
+    model, tokenizer = llm
+    priors = TitlePriors(model, tokenizer, TITLES, settings(), batch_size=2)
+    runs = []
+    run_layer = priors.full.run_layer
+    priors.full.run_layer = lambda index, *args: runs.append(index) or run_layer(index, *args)
+    batches = -(-len(TITLES) // 2)
+
+    def layers_run(layers):
+        runs.clear()
+        priors(layers)
+        return runs[::batches]
+
+    assert layers_run([0, 1, 4]) == [0, 1, 4]
+    assert layers_run([0, 1, 3]) == [3]
+    assert layers_run([0, 2]) == [2]
+    assert layers_run([1, 0]) == []
+    priors.cache_bytes = 0  # only the latest set's states stay
+    assert layers_run([0, 2, 3]) == [3] and list(priors.kept) == [(0, 2, 3)]
+    assert layers_run([0, 2]) == [0, 2]
