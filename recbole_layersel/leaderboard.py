@@ -221,7 +221,9 @@ def _finished(path: Path, run, identity: dict, redo_changed: bool, retry_failed:
         if not changed and not (retry_failed and record["status"] != "ok"):
             return record
     resumed_by = _check_resume_state(path, identity, redo_changed)
-    record = run() | identity
+    # A run that resumes a killed one's training state measures only its own part of the training time.
+    resumed = {"resumed": True} if path.with_suffix(".resume.pth").is_file() else {}
+    record = run() | identity | resumed
     write_atomic(path, json.dumps(record, indent=1))
     resumed_by.unlink(missing_ok=True)  # the run is finished: its resume state is gone too
     return record
@@ -321,6 +323,7 @@ def summarise(records: list[dict], entries: list[str]) -> list[dict]:
             row[metric] = mean_ci95([r["test"][metric] for r in ok]) if ok else None
         if ok:
             row["train_seconds"] = mean_ci95([r["train_seconds"] for r in ok])[0]
+            row["resumed_seeds"] = sum(bool(r.get("resumed")) for r in ok)
             row["users_per_second"] = mean_ci95([r["inference_users_per_second"] for r in ok])[0]
             row["parameters"] = ok[0]["parameters"]
             kept = [len(r["selected_layers"]) for r in ok if r["selected_layers"] is not None]
@@ -377,13 +380,15 @@ def to_markdown(table: list[dict], dataset: str, planned: int | None = None, eva
             p_values = [_p(row.get(f"p_vs_{r}")) for r in references]
             seeds = f"{row['seeds']}" + (f" ({row['failed']} failed)" if row["failed"] else "")
             layers = "–" if row["layers"] is None else f"{row['layers']:g}"
-            cells = [row["entry"], seeds, *metrics, row["epochs"], f"{row['train_seconds']:.0f}",
+            train = ("≥ " if row["resumed_seeds"] else "") + f"{row['train_seconds']:.0f}"
+            cells = [row["entry"], seeds, *metrics, row["epochs"], train,
                      f"{row['users_per_second']:.0f}", f"{row['parameters']:,}", layers, *p_values]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Metrics: mean ± 95 % CI half-width over seeds (Student's t). epochs (best): per seed, "
               "epochs trained until RecBole's early stopping (stopping_step) ended them, and the best "
               "validation epoch; 'cap' marks a run that the epoch cap stopped instead. "
-              "train s: RecBole's fit. "
+              "train s: RecBole's fit; '≥' where a seed resumed an interrupted run, whose seconds count "
+              "its last part only. "
               "users/s: full_sort_predict on the first test users, from scratch (backbone included). "
               "layers: transformer layers kept. p: paired t-test of NDCG@10 over shared seeds (– when "
               "fewer than 2 or identical)."]
@@ -398,7 +403,7 @@ def to_csv(table: list[dict]) -> str:
     buffer = io.StringIO()
     fields = ["entry", "seeds", "failed", "error"]
     fields += [f"{metric}_{part}" for metric in METRICS for part in ("mean", "ci95")]
-    fields += ["epochs", "train_seconds", "users_per_second", "parameters", "layers"]
+    fields += ["epochs", "train_seconds", "resumed_seeds", "users_per_second", "parameters", "layers"]
     fields += [f"p_vs_{r}" for r in REFERENCES]
     writer = csv.DictWriter(buffer, fields)
     writer.writeheader()

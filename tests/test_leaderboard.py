@@ -199,7 +199,8 @@ def test_only_the_same_config_and_code_resume_a_killed_runs_state(tiny, tmp_path
         monkeypatch.setattr(leaderboard, "_in_child", child)
 
     kill(tiny)
-    assert run_entry("BPR-tiny", "tiny", 1, out, tiny)["status"] == "ok"
+    resumed = run_entry("BPR-tiny", "tiny", 1, out, tiny)
+    assert resumed["status"] == "ok" and resumed["resumed"]
     assert started_with_state == [True]  # same config and code: resumed
     assert not (folder / "seed1.resume.json").exists()
     (folder / "seed1.json").unlink()
@@ -210,7 +211,7 @@ def test_only_the_same_config_and_code_resume_a_killed_runs_state(tiny, tmp_path
     with pytest.raises(LayerSelError, match=r"code changed since: recbole_layersel\."):
         run_entry("BPR-tiny", "tiny", 1, out, tiny)
     assert state.is_file()  # refused, not deleted
-    run_entry("BPR-tiny", "tiny", 1, out, tiny, redo_changed=True)
+    assert "resumed" not in run_entry("BPR-tiny", "tiny", 1, out, tiny, redo_changed=True)
     assert started_with_state == [True, False]  # deleted: the run started from scratch
     (folder / "seed1.json").unlink()
     state.write_bytes(b"written before runs recorded their resume states")
@@ -256,6 +257,20 @@ def test_runs_of_different_protocols_never_share_a_table(tmp_path, capsys):
     args = ["--dataset", "tiny", "--entries", "Pop", "SASRec", "--seeds", "1", "2", "--out", str(tmp_path)]
     assert leaderboard.main([*args, "--tables-only"]) == 2
     assert "eval_mask_history=not recorded: SASRec seed 2" in capsys.readouterr().err
+
+
+def test_the_seconds_of_a_row_with_a_resumed_seed_are_a_lower_bound(tmp_path):
+    def record(seed, **extra):
+        return {"entry": "SASRec", "seed": seed, "status": "ok", "train_seconds": 100.0 * seed,
+                "test": dict.fromkeys(leaderboard.METRICS, 0.1), "inference_users_per_second": 1.0,
+                "parameters": 1, "selected_layers": None, "epochs_run": 12, "best_epoch": 1,
+                "stopped_by": "early stopping", "config": {"eval_mask_history": True}, **extra}
+
+    whole = leaderboard.write_tables([record(1), record(2)], ["SASRec"], "tiny", tmp_path, 2, None)
+    assert "| 12 (1), 12 (1) | 150 |" in whole
+    resumed = leaderboard.write_tables([record(1), record(2, resumed=True)], ["SASRec"], "tiny", tmp_path, 2,
+                                       None)
+    assert "| 12 (1), 12 (1) | ≥ 150 |" in resumed
 
 
 def test_an_epoch_cap_is_marked():
