@@ -51,7 +51,9 @@ from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import save_figure, sha256_file, write_atomic
 
 METRICS = ("ndcg@5", "ndcg@10", "mrr@10", "precision@10", "recall@10", "hit@10")
-REFERENCES = ("SASRec", "SASRec-allpos", "LayerSelLLM-full")
+# Every row is tested against these when present: the SASRec a LayerSelLLM row must beat, the full model
+# (how much quality the compact one keeps) and random layers (what a selection must beat).
+REFERENCES = ("SASRec", "SASRec-allpos", "LayerSelLLM-full", "LayerSelLLM-random")
 STRATEGIES = ("importance", "random", "uniform", "last", "block_influence", "contiguous", "magnitude")
 # The default entries, in table order. SASRec-allpos is RecBole's SASRec trained with its paper's
 # all-position objective (all_positions.py); LayerSelLLM-text keeps no LLM layer (title embeddings through

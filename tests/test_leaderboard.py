@@ -273,6 +273,23 @@ def test_the_seconds_of_a_row_with_a_resumed_seed_are_a_lower_bound(tmp_path):
     assert "| 12 (1), 12 (1) | ≥ 150 |" in resumed
 
 
+def test_a_selection_is_tested_against_random_layers(tmp_path):
+    def record(entry, seed, ndcg):
+        return {"entry": entry, "seed": seed, "status": "ok", "train_seconds": 1.0,
+                "test": dict.fromkeys(leaderboard.METRICS, ndcg), "inference_users_per_second": 1.0,
+                "parameters": 1, "selected_layers": [0, 1], "epochs_run": 12, "best_epoch": 1,
+                "stopped_by": "early stopping", "config": {"eval_mask_history": True}}
+
+    entries = ["LayerSelLLM-importance", "LayerSelLLM-random"]
+    records = [record(entry, seed, ndcg + seed * 0.01 + (0.001 * seed if entry == entries[1] else 0))
+               for entry, ndcg in zip(entries, (0.10, 0.05), strict=True) for seed in (1, 2, 3)]
+    markdown = leaderboard.write_tables(records, entries, "tiny", tmp_path, 6, None)
+    header = next(line for line in markdown.splitlines() if line.startswith("| entry"))
+    assert header.endswith("| p vs LayerSelLLM-random |")
+    p_value = leaderboard.paired_p_value({1: 0.11, 2: 0.12, 3: 0.13}, {1: 0.061, 2: 0.072, 3: 0.083})
+    assert f"| {p_value:.3g} |" in markdown and p_value < 0.05
+
+
 def test_an_epoch_cap_is_marked():
     capped = {"epochs_run": 5, "best_epoch": 4, "stopped_by": "epoch cap"}
     assert leaderboard._epochs(capped) == "5 (4) cap" and leaderboard._epochs({}) == "–"
