@@ -74,26 +74,20 @@ def encode_titles(backbone, embed_tokens, tokenizer, titles: list[str], settings
     is the LLM's input embedding, ``backbone`` a ``CompactBackbone`` on the same device. With
     ``data_parallel`` every process of a process group calls it and encodes its share of the batches;
     without, this process encodes them all."""
-    pooling = settings.title_pooling
-    if pooling not in POOLINGS:
-        raise LayerSelError(f"title_pooling={pooling!r} is not supported; use one of {POOLINGS}.")
-    pad_right(tokenizer)
-    device = embed_tokens.weight.device
+    pooling = _checked_pooling(settings)
     was_training = backbone.training
     backbone.eval()
     # Under a process group each process encodes its share of the batches (distributed.py).
     encoded = {name: torch.zeros(len(titles), embed_tokens.weight.shape[1]) for name in ("inputs", "prior")}
-    batches = my_batches(len(titles), batch_size) if data_parallel else \
-        [(start, min(start + batch_size, len(titles))) for start in range(0, len(titles), batch_size)]
-    order = by_length(tokenizer, titles, settings.title_max_tokens)
-    for start, stop in tqdm(batches, desc="encode titles", unit="batch", disable=not show_progress):
-        rows = order[start:stop]
-        batch = tokenizer([titles[row] for row in rows], padding=True, truncation=True,
-                          max_length=settings.title_max_tokens, return_tensors="pt").to(device)
-        token_inputs = embed_tokens(batch["input_ids"])
-        encoded["inputs"][rows] = pool(token_inputs, batch["attention_mask"], "mean").float().cpu()
-        hidden = backbone(token_inputs.to(backbone.dtype), attention_mask=batch["attention_mask"])
-        encoded["prior"][rows] = pool(hidden, batch["attention_mask"], pooling).float().cpu()
+    batches = my_batches(len(titles), batch_size) if data_parallel else _spans(len(titles), batch_size)
+    title_batches = _title_batches(tokenizer, titles, settings.title_max_tokens, batches,
+                                   embed_tokens.weight.device)
+    for rows, token_ids, mask in tqdm(title_batches, desc="encode titles", unit="batch", total=len(batches),
+                                      disable=not show_progress):
+        token_inputs = embed_tokens(token_ids)
+        encoded["inputs"][rows] = pool(token_inputs, mask, "mean").float().cpu()
+        hidden = backbone(token_inputs.to(backbone.dtype), attention_mask=mask)
+        encoded["prior"][rows] = pool(hidden, mask, pooling).float().cpu()
     backbone.train(was_training)
     if data_parallel:
         encoded = {name: all_reduce_sum(tensor) for name, tensor in encoded.items()}
@@ -112,9 +106,7 @@ class TitlePriors:
 
     def __init__(self, llm, tokenizer, titles: list[str], settings: TitleSettings, *, batch_size: int,
                  cache_bytes: int = 2**31):
-        if settings.title_pooling not in POOLINGS:
-            raise LayerSelError(f"title_pooling={settings.title_pooling!r} is not supported; use one of "
-                                f"{POOLINGS}.")
+        _checked_pooling(settings)
         num_layers = getattr(llm.config, "text_config", llm.config).num_hidden_layers
         self.full = CompactBackbone(llm, list(range(num_layers))).eval()
         self.embed_tokens, self.tokenizer, self.titles = llm.get_input_embeddings(), tokenizer, titles
@@ -144,15 +136,11 @@ class TitlePriors:
     def _tokenised(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
         """Per batch of titles of about one length: their rows, attention mask, the first layer's input
         and the layers' context."""
-        pad_right(self.tokenizer)
-        order = by_length(self.tokenizer, self.titles, self.settings.title_max_tokens)
+        spans = _spans(len(self.titles), self.batch_size)
         device = self.embed_tokens.weight.device
-        for start in range(0, len(self.titles), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            batch = self.tokenizer([self.titles[row] for row in rows], padding=True, truncation=True,
-                                   max_length=self.settings.title_max_tokens, return_tensors="pt").to(device)
-            mask = batch["attention_mask"]
-            inputs = self.embed_tokens(batch["input_ids"]).to(self.full.dtype)
+        for rows, token_ids, mask in _title_batches(self.tokenizer, self.titles,
+                                                    self.settings.title_max_tokens, spans, device):
+            inputs = self.embed_tokens(token_ids).to(self.full.dtype)
             self.batches.append((rows, mask, *self.full.prepare(inputs, mask)))
         return self.batches
 
@@ -163,11 +151,29 @@ class TitlePriors:
             self.kept.popitem(last=False)
 
 
-def by_length(tokenizer, titles: list[str], max_tokens: int) -> torch.Tensor:
-    """The titles' indices from fewest to most tokens: batched in this order, titles are padded to about
-    their own length (batched as given, ml-100k's titles would be 3.4 times their tokens)."""
+def _checked_pooling(settings: TitleSettings) -> str:
+    if settings.title_pooling not in POOLINGS:
+        raise LayerSelError(f"title_pooling={settings.title_pooling!r} is not supported; use one of "
+                            f"{POOLINGS}.")
+    return settings.title_pooling
+
+
+def _spans(count: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+
+
+def _title_batches(tokenizer, titles: list[str], max_tokens: int, spans, device):
+    """(rows, token ids, attention mask) of each (start, stop) span of the titles taken from fewest to most
+    tokens: so batched, titles are padded to about their own length (batched as given, ml-100k's titles
+    would be 3.4 times their tokens). Right-padded, truncated to ``max_tokens``."""
+    pad_right(tokenizer)
     lengths = [len(ids) for ids in tokenizer(titles, truncation=True, max_length=max_tokens)["input_ids"]]
-    return torch.tensor(sorted(range(len(titles)), key=lengths.__getitem__), dtype=torch.long)
+    order = torch.tensor(sorted(range(len(titles)), key=lengths.__getitem__), dtype=torch.long)
+    for start, stop in spans:
+        rows = order[start:stop]
+        batch = tokenizer([titles[row] for row in rows], padding=True, truncation=True, max_length=max_tokens,
+                          return_tensors="pt").to(device)
+        yield rows, batch["input_ids"], batch["attention_mask"]
 
 
 def pad_right(tokenizer) -> None:
