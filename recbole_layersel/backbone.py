@@ -15,6 +15,7 @@ Each family is run the way its own ``modeling_<family>.py`` runs it: the layers 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import pairwise
 from numbers import Integral
@@ -385,6 +386,19 @@ class CompactBackbone(nn.Module):
         hidden_states = inputs_embeds + self.token_type_embeddings.weight[0]
         hidden_states = hidden_states + self.position_embeddings(position_ids)
         return self.embed_dropout(self.embed_norm(hidden_states)), {"full_attention": {}}
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (dropout would make every measurement random); each submodule's train/eval
+    mode is put back afterwards, also on error."""
+    saved = {submodule: submodule.training for submodule in module.modules()}
+    try:
+        module.eval()
+        yield
+    finally:
+        for submodule, training in saved.items():
+            submodule.training = training
 
 
 def seeded_backbone(llm, selected: list[int], seed: int, mlp_bridges: bool = False,

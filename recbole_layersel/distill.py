@@ -32,7 +32,7 @@ from numbers import Integral, Real
 import torch
 import torch.nn.functional as F
 
-from recbole_layersel.backbone import Bridge, CompactBackbone
+from recbole_layersel.backbone import Bridge, CompactBackbone, evaluating
 from recbole_layersel.distributed import all_reduce_gradients, all_reduce_sum, my_batches, rank_and_world
 from recbole_layersel.errors import LayerSelError
 
@@ -71,9 +71,7 @@ def fidelity(compact: CompactBackbone, inputs_embeds: torch.Tensor, attention_ma
     _check_backbone(compact)
     attention_mask = _check_inputs(compact, inputs_embeds, attention_mask, teacher_last)
     _check_positive_int("batch_size", batch_size)
-    modes = _training_modes(compact)
-    compact.eval()
-    try:
+    with evaluating(compact):
         # Sums in float64 so that long evaluations do not lose precision; one division at the end.
         sums = torch.zeros(3, dtype=torch.float64)  # squared error, cosine, valid tokens
         for start, stop in my_batches(inputs_embeds.shape[0], batch_size):
@@ -85,8 +83,6 @@ def fidelity(compact: CompactBackbone, inputs_embeds: torch.Tensor, attention_ma
             sums[1] += F.cosine_similarity(student, teacher, dim=-1).double().sum().item()
             sums[2] += student.shape[0]
         squared_error, cosine, valid_tokens = all_reduce_sum(sums).tolist()
-    finally:
-        _restore_training_modes(modes)
     valid_elements = valid_tokens * inputs_embeds.shape[-1]
     return Fidelity(mse=squared_error / valid_elements, cosine=cosine / valid_tokens)
 
@@ -199,17 +195,15 @@ def _training_only(compact, trainable):
     """Within it only `trainable` requires gradients and `compact` is in eval mode; on exit, also on
     error, every requires_grad flag and train/eval mode is as found."""
     requires_grad = {parameter: parameter.requires_grad for parameter in compact.parameters()}
-    modes = _training_modes(compact)
     try:
         compact.requires_grad_(False)
         for parameter in trainable:
             parameter.requires_grad_(True)
-        compact.eval()
-        yield
+        with evaluating(compact):
+            yield
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
-        _restore_training_modes(modes)
 
 
 def _train(compact, trainable, inputs_embeds, attention_mask, teacher_last, teacher_kept, kept_weights, *,
@@ -383,11 +377,3 @@ def _kept_layer_weights(compact, layer_weights, has_teacher_layers: bool) -> lis
         )
     return [weight / sum(weights) for weight in weights]
 
-
-def _training_modes(module: torch.nn.Module) -> dict[torch.nn.Module, bool]:
-    return {submodule: submodule.training for submodule in module.modules()}
-
-
-def _restore_training_modes(modes: dict[torch.nn.Module, bool]) -> None:
-    for submodule, training in modes.items():
-        submodule.training = training

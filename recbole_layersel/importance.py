@@ -62,7 +62,7 @@ from matplotlib.figure import Figure
 from scipy.stats import rankdata
 from transformers.pytorch_utils import Conv1D
 
-from recbole_layersel.backbone import CompactBackbone
+from recbole_layersel.backbone import CompactBackbone, evaluating
 from recbole_layersel.distributed import all_reduce_sum, my_batches
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import save_figure
@@ -303,26 +303,13 @@ def compute_importance(
     _check_positive_int("batch_size", batch_size)
     _check_inputs(backbone, inputs_embeds, attention_mask)
 
-    with _evaluating(backbone):
+    with evaluating(backbone):
         criteria, distances, teacher = _statistics_pass(
             backbone, inputs_embeds, attention_mask, attention_top_k, batch_size
         )
         loss_fn = make_loss(teacher["last"])
         fisher = _per_example_fisher(backbone, inputs_embeds, attention_mask, loss_fn, batch_size)
     return _assemble({"fisher": fisher, **criteria}, distances, backbone, weights), teacher
-
-
-@contextmanager
-def _evaluating(backbone: CompactBackbone) -> Iterator[None]:
-    """The backbone in eval mode (dropout would make every statistic random); each module's train/eval
-    mode is put back afterwards, also on error."""
-    saved_training = {module: module.training for module in backbone.modules()}
-    try:
-        backbone.eval()
-        yield
-    finally:
-        for module, training in saved_training.items():
-            module.training = training
 
 
 def _per_example_fisher(backbone, inputs_embeds, attention_mask, loss_fn, batch_size) -> torch.Tensor:

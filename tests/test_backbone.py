@@ -29,6 +29,7 @@ from recbole_layersel.backbone import (
     Bridge,
     CompactBackbone,
     bridge_kind_for_gap,
+    evaluating,
     validate_selection,
 )
 from tests.tiny_models import CONFIGS, DECODER, HIDDEN, NUM_LAYERS, SEQ_LEN, SLIDING_WINDOW
@@ -347,3 +348,15 @@ def test_attention_probabilities_need_eager_attention():
     backbone = CompactBackbone(make_model("llama"), [0, 1])
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
         backbone(random_inputs(), output_attentions=True)
+
+
+def test_evaluating_puts_every_submodule_in_eval_mode_and_back_also_on_error():
+    module = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    module[1].eval()  # a mixed start: the parent trains, one child does not
+    before = [submodule.training for submodule in module.modules()]
+    with evaluating(module):
+        assert not any(submodule.training for submodule in module.modules())
+    assert [submodule.training for submodule in module.modules()] == before
+    with pytest.raises(RuntimeError), evaluating(module):
+        raise RuntimeError("a pass failed")
+    assert [submodule.training for submodule in module.modules()] == before
