@@ -2,7 +2,8 @@
 
 A `CompactBackbone` that skips layers starts with identity bridges, so its hidden states drift away from
 the full model's. `distill_bridges` trains the bridges (and, optionally, the LoRA adapters of the kept
-layers) so that the compact backbone's final states match the full model's on the same inputs:
+layers) so that the compact backbone's final states match the teacher's on the same inputs (the hooks'
+teacher: the full model's states after the compact model's deepest kept layer and the final norm):
 
     loss = MSE(compact final states, teacher final states)                     (valid positions only)
          + sum_j w[i_j] * MSE(compact output of kept layer j, teacher output of layer i_j)    (optional)

@@ -11,7 +11,8 @@ shape); it gets back the compact backbone to train. The recommender itself is no
    ``proxy.py`` (validation NDCG@10 of the candidate's text prior, or after a short adaptation), or a
    baseline strategy, or the config's own ``selected_layers``;
 3. **distillation** (``distill.py``): the bridges of the compact model learn to reproduce the full
-   model's final states on the sample.
+   model's states at the compact model's depth (after its deepest kept layer and the final norm) on the
+   sample.
 
 A stage is skipped when the config gives its result (``selected_layers`` skips 1 and 2 unless a later
 stage needs importance; ``distill_steps: 0`` skips 3) and is cached under ``<llm_cache_dir>/stages/``,
@@ -167,7 +168,7 @@ def run_pretraining_hooks(llm, data: HookData, settings: HookSettings, cache: St
     compact = seeded_backbone(llm, selected, settings.importance.seed, dist.mlp_bridges, dist.bridge_rank)
     if dist.distill_steps and any(bridge.kind != "identity" for bridge in compact.bridges):
         key = {**key, "stage": "distill", "selected": selected, **asdict(dist)}
-        _distill(compact, full, data, settings, importance, teacher, cache, key, out_dir)
+        _distill(compact, llm, data, settings, importance, teacher, cache, key, out_dir)
     seconds["distillation"] = time.perf_counter() - started - seconds["importance"] - seconds["selection"]
     logger.info("Pre-training hooks took " + ", ".join(f"{stage} {s:.1f} s" for stage, s in seconds.items())
                 + " (stage cache hits included)")
@@ -264,10 +265,11 @@ def _proxy(llm, data: HookData, settings: HookSettings):
                        bridge_rank=dist.bridge_rank)
 
 
-def _distill(compact: CompactBackbone, full: CompactBackbone, data: HookData, settings: HookSettings,
+def _distill(compact: CompactBackbone, llm, data: HookData, settings: HookSettings,
              importance: ImportanceResult | None, teacher: dict | None, cache: StageCache, key: dict,
              out_dir: Path | None) -> None:
-    """Train ``compact``'s bridges to reproduce the full model's states (from the cache when it can)."""
+    """Train ``compact``'s bridges to reproduce the full model's states at its depth (``_states_at_depth``;
+    from the cache when it can)."""
     dist = settings.distill
     bridges, report = from_main(lambda: (cache.load_tensors("distill", key), cache.load_json("distill", key)))
     if bridges is not None and report is not None:
@@ -281,12 +283,14 @@ def _distill(compact: CompactBackbone, full: CompactBackbone, data: HookData, se
                 "distill_layerwise=False."
             )
         inputs, mask = data.inputs()
-        if teacher is None or (dist.distill_layerwise and "per_layer" not in teacher):
-            teacher = _states(full, inputs, mask, settings.importance.importance_batch_size,
-                              per_layer=dist.distill_layerwise)
+        if teacher is None:  # no importance pass in this process: the full model up to what is needed
+            depth = compact.num_source_layers if dist.distill_layerwise else compact.selected_layers[-1] + 1
+            teacher = {"per_layer": _layer_outputs(CompactBackbone(llm, list(range(depth))), inputs, mask,
+                                                   settings.importance.importance_batch_size)}
+        target = _states_at_depth(compact, teacher["per_layer"])
         fisher = importance.normalised["fisher"] if dist.distill_layerwise else None
         report = distill_bridges(
-            compact, inputs, mask, teacher["last"],
+            compact, inputs, mask, target,
             teacher_per_layer=teacher["per_layer"] if dist.distill_layerwise else None,
             layer_weights={i: fisher[i] for i in compact.selected_layers} if dist.distill_layerwise else None,
             reg_lambda=dist.distill_reg_lambda, steps=dist.distill_steps, lr=dist.distill_lr,
@@ -300,21 +304,27 @@ def _distill(compact: CompactBackbone, full: CompactBackbone, data: HookData, se
 
 
 @torch.no_grad()
-def _states(backbone, inputs, mask, batch_size: int, per_layer: bool = False) -> dict[str, torch.Tensor]:
-    """The backbone's final states (N, T, H) and, with ``per_layer`` (layer-wise distillation), every
-    layer's output (L, N, T, H), as ``compute_importance`` returns them; data-parallel over a process
-    group. Per-layer outputs are L times the memory: only kept when asked."""
+def _states_at_depth(compact: CompactBackbone, per_layer: torch.Tensor) -> torch.Tensor:
+    """The full model's states after the compact model's deepest kept layer and the final norm (N, T, H),
+    from the full model's per-layer outputs: what the bridges are distilled towards. The layers above it
+    are not in the compact model, so it cannot reproduce their output, and pulling its bridges towards it
+    would make them stand in for those layers instead of the skipped ones."""
+    device = next(compact.parameters()).device
+    deepest = per_layer[compact.selected_layers[-1]]
+    return compact.norm(deepest.to(device, compact.dtype)).float().to(deepest.device)
+
+
+@torch.no_grad()
+def _layer_outputs(backbone: CompactBackbone, inputs, mask, batch_size: int) -> torch.Tensor:
+    """Every layer's output (L, N, T, H), as ``compute_importance`` returns them; data-parallel over a
+    process group."""
     backbone.eval()
-    states = {"last": torch.zeros(*inputs.shape[:2], backbone.config.hidden_size, device=inputs.device)}
-    if per_layer:
-        states["per_layer"] = torch.zeros(len(backbone.layers), *states["last"].shape, device=inputs.device)
+    outputs = torch.zeros(len(backbone.layers), *inputs.shape[:2], backbone.config.hidden_size,
+                          device=inputs.device)
     for start, stop in my_batches(len(inputs), batch_size):
-        outputs = backbone(inputs[start:stop], mask[start:stop], output_hidden_states=per_layer)
-        if per_layer:
-            outputs, layers = outputs
-            states["per_layer"][:, start:stop] = torch.stack(layers).float()
-        states["last"][start:stop] = outputs.float()
-    return {name: all_reduce_sum(tensor) for name, tensor in states.items()}
+        outputs[:, start:stop] = torch.stack(backbone(inputs[start:stop], mask[start:stop],
+                                                      output_hidden_states=True)[1]).float()
+    return all_reduce_sum(outputs)
 
 
 def artifacts_dir(config) -> Path | None:

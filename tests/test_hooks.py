@@ -9,6 +9,7 @@ import torch
 
 from recbole_layersel import hooks
 from recbole_layersel import model as model_module
+from recbole_layersel.backbone import CompactBackbone
 from recbole_layersel.errors import LayerSelError
 from tests.test_model import build  # noqa: F401  (fixture)
 
@@ -27,6 +28,14 @@ class SpreadOut:
 
     def __call__(self, layers):
         return 0.1 + 0.2 * len(layers) + sum(later - earlier for earlier, later in pairwise(layers))
+
+
+class Shallow:
+    """A stand-in proxy that prefers a skipped layer, then shallow layers (a bridge, layers above)."""
+
+    def __call__(self, layers):
+        skips = any(later - earlier > 1 for earlier, later in pairwise(layers))
+        return 1 + len(layers) + skips - max(layers, default=0) / 10
 
 
 @pytest.fixture
@@ -132,6 +141,30 @@ def test_explicit_layers_skip_importance_and_selection(hooked, monkeypatch):
     monkeypatch.setattr(hooks, "compute_importance", lambda *a, **k: pytest.fail("importance ran"))
     model, _ = hooked(selected_layers=[0, 4, 5])
     assert model.selected_layers == [0, 4, 5]
+
+
+@pytest.mark.parametrize("settings", [{"selected_layers": [0, 2]}, {"num_layers": 2}])
+def test_bridges_are_distilled_towards_the_full_models_states_at_the_deepest_kept_layer(
+        hooked, monkeypatch, settings):
+    """Not towards its last layer's: the compact model does not hold the layers above its deepest one.
+    Explicit layers take those states from a full-model pass; importance from its own pass."""
+    monkeypatch.setattr(hooks, "ContentNDCG", lambda *args: Shallow())
+    seen, real_distill, real_seeded = {}, hooks.distill_bridges, hooks.seeded_backbone
+    monkeypatch.setattr(hooks, "seeded_backbone",
+                        lambda llm, *args: seen.setdefault("llm", llm) and real_seeded(llm, *args))
+
+    def distill(compact, inputs, mask, target, **kwargs):
+        seen.update(inputs=inputs, mask=mask, target=target, layers=compact.selected_layers)
+        return real_distill(compact, inputs, mask, target, **kwargs)
+
+    monkeypatch.setattr(hooks, "distill_bridges", distill)
+    hooked(**settings)
+    deepest = seen["layers"][-1]
+    assert deepest < 5 and seen["layers"] != list(range(deepest + 1))  # a bridge, and layers above it
+    with torch.no_grad():
+        expected = CompactBackbone(seen["llm"], list(range(deepest + 1))).eval()(seen["inputs"], seen["mask"])
+    valid = seen["mask"].bool()
+    torch.testing.assert_close(seen["target"][valid], expected[valid])
 
 
 def test_distillation_lowers_the_compact_vs_full_error(hooked, tmp_path):
