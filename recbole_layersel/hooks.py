@@ -283,11 +283,15 @@ def _distill(compact: CompactBackbone, llm, data: HookData, settings: HookSettin
                 "distill_layerwise=False."
             )
         inputs, mask = data.inputs()
-        if teacher is None:  # no importance pass in this process: the full model up to what is needed
-            depth = compact.num_source_layers if dist.distill_layerwise else compact.selected_layers[-1] + 1
-            teacher = {"per_layer": _layer_outputs(CompactBackbone(llm, list(range(depth))), inputs, mask,
-                                                   settings.importance.importance_batch_size)}
-        target = _states_at_depth(compact, teacher["per_layer"])
+        batch_size = settings.importance.importance_batch_size
+        if teacher is None and dist.distill_layerwise:  # importance from the cache: the full model again
+            full = CompactBackbone(llm, list(range(compact.num_source_layers)))
+            teacher = {"per_layer": _layer_outputs(full, inputs, mask, batch_size)}
+        if teacher is None:  # the full model up to the deepest kept layer; its final states are the target
+            truncated = CompactBackbone(llm, list(range(compact.selected_layers[-1] + 1)))
+            target = _final_states(truncated, inputs, mask, batch_size)
+        else:
+            target = _states_at_depth(compact, teacher["per_layer"])
         fisher = importance.normalised["fisher"] if dist.distill_layerwise else None
         report = distill_bridges(
             compact, inputs, mask, target,
@@ -312,6 +316,16 @@ def _states_at_depth(compact: CompactBackbone, per_layer: torch.Tensor) -> torch
     device = next(compact.parameters()).device
     deepest = per_layer[compact.selected_layers[-1]]
     return compact.norm(deepest.to(device, compact.dtype)).float().to(deepest.device)
+
+
+@torch.no_grad()
+def _final_states(backbone: CompactBackbone, inputs, mask, batch_size: int) -> torch.Tensor:
+    """The backbone's final states (N, T, H); data-parallel over a process group."""
+    backbone.eval()
+    states = torch.zeros(*inputs.shape[:2], backbone.config.hidden_size, device=inputs.device)
+    for start, stop in my_batches(len(inputs), batch_size):
+        states[start:stop] = backbone(inputs[start:stop], mask[start:stop]).float()
+    return all_reduce_sum(states)
 
 
 @torch.no_grad()
