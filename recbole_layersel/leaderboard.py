@@ -327,15 +327,21 @@ def summarise(records: list[dict], entries: list[str]) -> list[dict]:
             row["train_seconds"] = mean_ci95([r["train_seconds"] for r in ok])[0]
             row["resumed_seeds"] = sum(bool(r.get("resumed")) for r in ok)
             row["users_per_second"] = mean_ci95([r["inference_users_per_second"] for r in ok])[0]
-            row["parameters"] = ok[0]["parameters"]
-            kept = [len(r["selected_layers"]) for r in ok if r["selected_layers"] is not None]
-            row["layers"] = sum(kept) / len(kept) if kept else None
+            row["parameters"] = _per_seed([f"{r['parameters']:,}" for r in ok])
+            kept = [str(len(r["selected_layers"])) for r in ok if r["selected_layers"] is not None]
+            row["layers"] = _per_seed(kept) if kept else "–"
             row["epochs"] = ", ".join(_epochs(r) for r in ok)
         for reference in REFERENCES:
             if reference in ndcg and reference != name:
                 row[f"p_vs_{reference}"] = paired_p_value(ndcg[name], ndcg[reference])
         table.append(row)
     return table
+
+
+def _per_seed(values: list[str]) -> str:
+    """One value when every seed has it, else each seed's in seed order (a search may keep fewer layers on
+    one seed than on another: their mean is no model's)."""
+    return values[0] if len(set(values)) == 1 else " / ".join(values)
 
 
 def _epochs(record: dict) -> str:
@@ -381,10 +387,9 @@ def to_markdown(table: list[dict], dataset: str, planned: int | None = None, eva
                        for m in METRICS]
             p_values = [_p(row.get(f"p_vs_{r}")) for r in references]
             seeds = f"{row['seeds']}" + (f" ({row['failed']} failed)" if row["failed"] else "")
-            layers = "–" if row["layers"] is None else f"{row['layers']:g}"
             train = ("≥ " if row["resumed_seeds"] else "") + f"{row['train_seconds']:.0f}"
             cells = [row["entry"], seeds, *metrics, row["epochs"], train,
-                     f"{row['users_per_second']:.0f}", f"{row['parameters']:,}", layers, *p_values]
+                     f"{row['users_per_second']:.0f}", row["parameters"], row["layers"], *p_values]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Metrics: mean ± 95 % CI half-width over seeds (Student's t). epochs (best): per seed, "
               "epochs trained until RecBole's early stopping (stopping_step) ended them, and the best "
@@ -392,8 +397,8 @@ def to_markdown(table: list[dict], dataset: str, planned: int | None = None, eva
               "train s: RecBole's fit; '≥' where a seed resumed an interrupted run, whose seconds count "
               "its last part only. "
               "users/s: full_sort_predict on the first test users, from scratch (backbone included). "
-              "layers: transformer layers kept. p: paired t-test of NDCG@10 over shared seeds (– when "
-              "fewer than 2 or identical)."]
+              "parameters, layers (transformer layers kept): per seed where seeds differ. "
+              "p: paired t-test of NDCG@10 over shared seeds (– when fewer than 2 or identical)."]
     return "\n".join(lines)
 
 

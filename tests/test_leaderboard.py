@@ -290,6 +290,19 @@ def test_a_selection_is_tested_against_random_layers(tmp_path):
     assert f"| {p_value:.3g} |" in markdown and p_value < 0.05
 
 
+def test_layers_and_parameters_are_shown_per_seed_where_the_seeds_differ():
+    def record(seed, layers):
+        return {"entry": "LayerSelLLM-importance", "seed": seed, "status": "ok", "train_seconds": 1.0,
+                "test": dict.fromkeys(leaderboard.METRICS, 0.1), "inference_users_per_second": 1.0,
+                "parameters": 1000 * len(layers), "selected_layers": layers}
+
+    same = leaderboard.summarise([record(1, [0, 1]), record(2, [2, 5])], ["LayerSelLLM-importance"])
+    differ = leaderboard.summarise([record(1, [0, 1, 2]), record(2, [0, 1])], ["LayerSelLLM-importance"])
+    assert (same[0]["layers"], same[0]["parameters"]) == ("2", "2,000")
+    assert (differ[0]["layers"], differ[0]["parameters"]) == ("3 / 2", "3,000 / 2,000")
+    assert "| 3,000 / 2,000 | 3 / 2 |" in leaderboard.to_markdown(differ, "tiny")
+
+
 def test_an_epoch_cap_is_marked():
     capped = {"epochs_run": 5, "best_epoch": 4, "stopped_by": "epoch cap"}
     assert leaderboard._epochs(capped) == "5 (4) cap" and leaderboard._epochs({}) == "–"
