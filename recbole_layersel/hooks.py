@@ -86,7 +86,7 @@ class SelectionSettings(StageSettings):
     selection_batch_size: int
     selection_candidates: int
     selection_beam_width: int
-    selection_patience: int
+    selection_patience: int | None
     selection_min_gain: float
     selection_max_evaluations: int | None
     selection_max_seconds: float | None

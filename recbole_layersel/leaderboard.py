@@ -6,9 +6,11 @@
 Entries: ``BPR``, ``SASRec`` (RecBole's own), ``LayerSelLLM-full`` (every layer, no distillation) and
 ``LayerSelLLM-<strategy>[-k<k>][-int8][@<dataset>]``: the layer strategy (importance, random, uniform,
 last, block_influence, contiguous, magnitude, first), optionally k layers instead of the yaml's
-``num_layers``, optionally the compact backbone quantised to int8 (torch dynamic quantisation), and
-optionally the layers another dataset's hooks chose with the same seed (cross-domain selection; that
-dataset's selection is computed first with ``hooks_only`` if no finished run of it is there).
+``num_layers`` (``importance-k<k>`` keeps exactly k: its search grows to k without the saturation stop,
+a point at k of the quality-vs-k frontier), optionally the compact backbone quantised to int8 (torch
+dynamic quantisation), and optionally the layers another dataset's hooks chose with the same seed
+(cross-domain selection; that dataset's selection is computed first with ``hooks_only`` if no finished
+run of it is there).
 
 Each (entry, seed) runs ``quick_start.run_recbole`` in its own process and leaves one JSON file in
 ``<out>/runs/<dataset>/<entry>/seed<seed>.json``, written atomically when the run has finished
@@ -93,6 +95,8 @@ def entry_settings(name: str) -> tuple[str, dict, str | None]:
     settings = {"layer_strategy": match["strategy"]}
     if match["k"]:
         settings["num_layers"] = int(match["k"])
+        if match["strategy"] == "importance":
+            settings["selection_patience"] = None
     if match["int8"]:
         settings["quantize"] = "int8"
     return "LayerSelLLM", settings, match["source"]

@@ -6,8 +6,8 @@ included) and ``random`` (seeded). Strategies that read the importance pass (``i
 - ``importance``: greedy search (``greedy_select``). Each step tries the most important layers not yet
   kept (by fused importance), scores each candidate set by a proxy (``proxy.py``: validation NDCG@10
   after a short adaptation) and keeps the best; it stops at ``num_layers``, when ``patience`` additions in
-  a row gain less than ``min_gain`` (relative; those additions are then dropped again), or when the budget
-  runs out.
+  a row gain less than ``min_gain`` (relative; those additions are then dropped again; ``patience`` None:
+  never), or when the budget runs out.
 - ``block_influence``: keep the k layers of highest block influence (ShortGPT removes the lowest).
 - ``contiguous``: drop the contiguous block of L - k layers whose input and output are closest in
   angular distance (Gromov et al.), keep the rest.
@@ -102,7 +102,7 @@ class GreedyResult:
 
 
 def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *, target_k: int,
-                  candidates: int = 4, beam_width: int = 1, patience: int = 3, min_gain: float = 0.01,
+                  candidates: int = 4, beam_width: int = 1, patience: int | None = 3, min_gain: float = 0.01,
                   max_evaluations: int | None = None, max_seconds: float | None = None,
                   clock: Callable[[], float] = time.perf_counter) -> GreedyResult:
     """Grow a layer set one layer a step, keeping the layers that ``evaluate`` (higher is better) scores best.
@@ -115,7 +115,12 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
     layer is left. Whatever stopped it, the steps since the last one that gained ``min_gain`` did not pay
     for their layers: the result is the best set from before them, and at least one layer (a budget stops
     the search only after its first step; no layer at all is the text-only model, ``num_layers: 0``).
+    ``patience=None`` judges no step: the search grows to ``target_k`` (or its budget) and keeps every step.
     """
+    if patience is not None and not (isinstance(patience, int) and patience >= 1):
+        raise LayerSelError(
+            f"selection_patience {patience!r} is not a number of additions; use 1 or more, or None (~ in "
+            "yaml) to grow the set to num_layers without the saturation stop")
     start, evaluations = clock(), 1
     beam = [Scored([], float(evaluate([])))]
     trajectory = [GreedyStep(list(beam), list(beam), None)]
@@ -124,7 +129,8 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
     flat_run = 0
 
     def result(reason: str) -> GreedyResult:
-        kept = trajectory[max(len(trajectory) - 1 - flat_run, 1)].beam[0].layers
+        unpaid = flat_run if patience is not None else 0
+        kept = trajectory[max(len(trajectory) - 1 - unpaid, 1)].beam[0].layers
         return GreedyResult(kept, reason, trajectory, evaluations)
 
     while True:

@@ -80,7 +80,9 @@ def test_a_failing_entry_is_reported_as_failed(tiny, tmp_path):
 @pytest.mark.parametrize("name, expected", [
     ("BPR", ("BPR", {}, None)),
     ("LayerSelLLM-random", ("LayerSelLLM", {"layer_strategy": "random"}, None)),
-    ("LayerSelLLM-importance-k4", ("LayerSelLLM", {"layer_strategy": "importance", "num_layers": 4}, None)),
+    ("LayerSelLLM-importance-k4",  # exactly k: no saturation stop
+     ("LayerSelLLM", {"layer_strategy": "importance", "num_layers": 4, "selection_patience": None}, None)),
+    ("LayerSelLLM-random-k4", ("LayerSelLLM", {"layer_strategy": "random", "num_layers": 4}, None)),
     ("LayerSelLLM-importance-int8",
      ("LayerSelLLM", {"layer_strategy": "importance", "quantize": "int8"}, None)),
     ("LayerSelLLM-importance@amazon-electronics",

@@ -115,6 +115,18 @@ def test_additions_that_did_not_pay_are_dropped_whatever_stopped_the_search():
     assert result.stop_reason == "target" and result.selected == [0]
 
 
+def test_without_patience_the_search_grows_to_the_target_and_keeps_every_step():
+    values = [0.5, 0.0, -0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # as above: 1 and 2 do not gain
+    result = greedy_select(list(range(10)), Proxy(values, empty=1.0), target_k=6, candidates=1, patience=None)
+    assert result.stop_reason == "target" and result.selected == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("patience", [0, -1, "~"])
+def test_a_patience_below_one_is_refused(patience):
+    with pytest.raises(LayerSelError, match=rf"selection_patience {patience!r} .* use 1 or more, or None"):
+        greedy_select(RANKING, Proxy(VALUES), target_k=3, patience=patience)
+
+
 def test_at_least_one_layer_is_kept_even_when_none_gains():
     result = greedy_select(RANKING, Proxy([0.0] * 10, empty=1.0), target_k=8, candidates=2, max_evaluations=2)
     assert result.stop_reason == "budget_evaluations" and result.selected == [2]  # step 1's best (a tie)
