@@ -35,7 +35,12 @@ def test_the_proxies_rank_correlation_with_the_runs(tmp_path, monkeypatch):
     assert report["spearman"] == {"content": pytest.approx(1.0), "adapted": pytest.approx(-1.0)}
     assert report["split"] == "test"  # not every run recorded its validation NDCG
     table = proxy_check.markdown(report)
-    assert "| [0, 1] | LayerSelLLM-first-k2, LayerSelLLM-importance | 0.4000 |" in table
+    assert "| [0, 1] | LayerSelLLM-first-k2, LayerSelLLM-importance | 0.4000 | 0.0000 |" in table
+    assert "content 1.00, adapted -1.00." in table
+    content_only = proxy_check.check("tiny", 1, runs, ("content",))
+    assert content_only["spearman"] == {"content": pytest.approx(1.0)}
+    assert "adapted" not in content_only["rows"][0]
+    assert "| content proxy | s |\n" in proxy_check.markdown(content_only)
 
 
 def test_fewer_than_three_layer_sets_cannot_be_correlated(tmp_path):
