@@ -129,8 +129,7 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
     flat_run = 0
 
     def result(reason: str) -> GreedyResult:
-        unpaid = flat_run if patience is not None else 0
-        kept = trajectory[max(len(trajectory) - 1 - unpaid, 1)].beam[0].layers
+        kept = trajectory[max(len(trajectory) - 1 - flat_run, 1)].beam[0].layers
         return GreedyResult(kept, reason, trajectory, evaluations)
 
     while True:
@@ -148,7 +147,7 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
         previous, beam = beam[0].proxy, scored[:beam_width]
         gain = (beam[0].proxy - previous) / max(abs(previous), 1e-12)
         trajectory.append(GreedyStep(scored, list(beam), gain))
-        flat_run = flat_run + 1 if gain < min_gain else 0
+        flat_run = flat_run + 1 if patience is not None and gain < min_gain else 0
         if flat_run == patience:
             return result("saturated")
 
