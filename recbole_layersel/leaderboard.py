@@ -231,7 +231,8 @@ def _finished(path: Path, run, identity: dict, redo_changed: bool, retry_failed:
     resumed = {"resumed": True} if path.with_suffix(".resume.pth").is_file() else {}
     record = run() | identity | resumed
     write_atomic(path, json.dumps(record, indent=1))
-    resumed_by.unlink(missing_ok=True)  # the run is finished: its resume state is gone too
+    if record["status"] == "ok":  # finished: its resume state is gone too; a failed run's is kept to retry
+        resumed_by.unlink(missing_ok=True)
     return record
 
 
@@ -498,6 +499,24 @@ def write_tables(records: list[dict], entries: list[str], dataset: str, out: Pat
     return markdown
 
 
+def entry_extras(items: list[str], entries: list[str]) -> dict[str, dict]:
+    """Each entry's settings from ``--set`` items ``KEY=VALUE`` (every entry) or ``ENTRY.KEY=VALUE``."""
+    extra = {name: {} for name in entries}
+    for item in items:
+        key, equals, value = item.partition("=")
+        entry, _, entry_key = key.rpartition(".")
+        if not equals or not entry_key:
+            raise LayerSelError(f"--set {item!r}: write KEY=VALUE, e.g. epochs=20 or SASRec.epochs=20.")
+        if entry_key in ("seed", "resume_file"):  # set per run by run_entry, which would overwrite it
+            raise LayerSelError(f"--set {item!r}: the leaderboard sets {entry_key} for each run; "
+                                "choose seeds with --seeds.")
+        for name in [entry] if entry else entries:
+            if name not in extra:
+                raise LayerSelError(f"--set {item!r} names entry {name!r}, which is not among --entries")
+            extra[name][entry_key] = parse_value(value)
+    return extra
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -519,20 +538,10 @@ def main(argv=None) -> int:
     try:
         for name in args.entries:
             entry_settings(name)
+        extra = entry_extras(args.set, args.entries)
     except LayerSelError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    extra = {name: {} for name in args.entries}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        value = parse_value(value)
-        entry, _, entry_key = key.rpartition(".")
-        for name in [entry] if entry else args.entries:
-            if name not in extra:
-                print(f"error: --set {item!r} names entry {name!r}, which is not among --entries",
-                      file=sys.stderr)
-                return 2
-            extra[name][entry_key] = value
     bench = json.loads(Path(args.bench).read_text(encoding="utf-8"))["rows"] if args.bench else None
     out, planned, records = Path(args.out), len(args.entries) * len(args.seeds), []
     if args.tables_only:

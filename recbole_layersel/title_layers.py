@@ -100,6 +100,9 @@ def main(argv=None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. llm_path=gemma3-270m title_max_tokens=16")
     args = parser.parse_args(argv)
+    for item in args.set:
+        if "=" not in item or item.startswith("="):
+            parser.error(f"--set {item!r}: write KEY=VALUE, e.g. title_max_tokens=16")
     overrides = {key: parse_value(value) for key, _, value in (item.partition("=") for item in args.set)}
     result = screen("LayerSelLLM", args.dataset, overrides)
     write_atomic(args.out / f"{args.dataset}.json", json.dumps(result, indent=1))

@@ -92,6 +92,27 @@ def test_entry_names_say_what_runs(name, expected):
     assert leaderboard.entry_settings(name) == expected
 
 
+def test_set_items_go_to_every_entry_or_the_one_named():
+    extra = leaderboard.entry_extras(["epochs=20", "SASRec.stopping_step=3", "title_field=\"title\""],
+                                     ["BPR", "SASRec"])
+    assert extra == {"BPR": {"epochs": 20, "title_field": "title"},
+                     "SASRec": {"epochs": 20, "stopping_step": 3, "title_field": "title"}}
+
+
+@pytest.mark.parametrize("item, message", [
+    ("epochs", r"--set 'epochs': write KEY=VALUE"),
+    ("SASRec.=3", r"--set 'SASRec.=3': write KEY=VALUE"),
+    ("seed=7", r"--set 'seed=7': the leaderboard sets seed for each run; choose seeds with --seeds"),
+    ("GRU4Rec.epochs=3", r"names entry 'GRU4Rec', which is not among --entries"),
+])
+def test_bad_set_items_are_refused_before_anything_runs(item, message, tmp_path, capsys):
+    with pytest.raises(LayerSelError, match=message):
+        leaderboard.entry_extras([item], ["BPR", "SASRec"])
+    args = ["--dataset", "tiny", "--entries", "BPR", "--out", str(tmp_path), "--set", item]
+    assert leaderboard.main(args) == 2
+    assert "error: --set" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["LayerSelLLM-best", "GRU", "LayerSelLLM-importance-kx"])
 def test_unknown_entries_are_named_before_anything_runs(name, tmp_path, capsys):
     assert leaderboard.main(["--dataset", "tiny", "--entries", name, "--out", str(tmp_path)]) == 2
@@ -224,10 +245,21 @@ def test_only_the_same_config_and_code_resume_a_killed_runs_state(tiny, tmp_path
 def test_failed_runs_are_retried_when_asked(tiny, tmp_path, monkeypatch):
     out = tmp_path / "results"
     outcomes = iter([{"status": "failed", "error": "killed"}, {"status": "ok", "test": {}}])
-    monkeypatch.setattr(leaderboard, "_in_child", lambda *args: next(outcomes))
+
+    def child(model, dataset, config_dict):  # the failed run leaves its training state, as a killed one does
+        state = Path(config_dict["resume_file"])
+        outcome = next(outcomes)
+        if outcome["status"] == "ok":
+            state.unlink()
+        else:
+            state.write_bytes(b"training state")
+        return outcome
+
+    monkeypatch.setattr(leaderboard, "_in_child", child)
     assert run_entry("BPR-tiny", "tiny", 1, out, tiny)["status"] == "failed"
     assert run_entry("BPR-tiny", "tiny", 1, out, tiny)["status"] == "failed"  # kept, not retried
-    assert run_entry("BPR-tiny", "tiny", 1, out, tiny, retry_failed=True)["status"] == "ok"
+    retried = run_entry("BPR-tiny", "tiny", 1, out, tiny, retry_failed=True)
+    assert retried["status"] == "ok" and retried["resumed"]  # from the failed run's state
     assert json.loads((out / "runs" / "tiny" / "BPR-tiny" / "seed1.json").read_text())["status"] == "ok"
 
 

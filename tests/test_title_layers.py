@@ -63,3 +63,10 @@ def test_the_screen_writes_every_candidates_score(tmp_path, argv):
     assert result["valid_users"] == 12 and len(result["scores"]) == 2 * (NUM_LAYERS + 2)
     assert all(0 <= row["ndcg@10"] <= 1 for row in result["scores"])
     assert (tmp_path / "out" / "tiny.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("item", ["title_max_tokens", "=16"])
+def test_a_set_item_without_a_key_and_value_is_refused(item, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--dataset", "tiny", "--out", str(tmp_path / "out"), "--set", item])
+    assert f"--set {item!r}: write KEY=VALUE" in capsys.readouterr().err and not (tmp_path / "out").exists()
