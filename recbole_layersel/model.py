@@ -69,6 +69,43 @@ REPLACED_SETTINGS = {
 }
 
 
+# Sizes and counts that must be whole numbers >= 1, and step counts that may be 0.
+POSITIVE_SETTINGS = ("importance_sample_users", "importance_max_items", "selection_sample_users",
+                     "selection_train_users", "selection_batch_size", "selection_candidates",
+                     "selection_beam_width", "title_max_tokens", "title_batch_size", "state_batch_size",
+                     "embedding_size", "head_layers", "head_heads", "head_inner_size", "lora_r")
+STEP_SETTINGS = ("importance_warmup_steps", "selection_adapt_steps", "distill_steps")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_settings(config) -> None:
+    """One clear error for a setting LayerSelLLM cannot use, before anything is loaded."""
+    for setting, replacement in REPLACED_SETTINGS.items():
+        if config[setting] is not None:
+            raise LayerSelError(f"{setting}={config[setting]!r} is no longer a setting; use {replacement}.")
+    for setting, allowed in (("selection_proxy", PROXIES), ("train_mode", TRAIN_MODES), ("llm_dtype", DTYPES),
+                             ("loss_type", ("CE",))):
+        if config[setting] not in allowed:
+            raise LayerSelError(f"{setting}={config[setting]!r}; use one of {tuple(allowed)}.")
+    for setting in (*POSITIVE_SETTINGS, *STEP_SETTINGS):
+        least = 1 if setting in POSITIVE_SETTINGS else 0
+        if not _is_int(config[setting]) or config[setting] < least:
+            raise LayerSelError(f"{setting}={config[setting]!r}; use a whole number >= {least}.")
+    if config["embedding_size"] % config["head_heads"]:
+        raise LayerSelError(f"embedding_size={config['embedding_size']} is not a multiple of "
+                            f"head_heads={config['head_heads']}; each attention head reads an equal share.")
+    lists = (("selected_layers", _is_int, [0, 1, 7]),
+             ("lora_target_modules", lambda v: isinstance(v, str), ["q_proj", "v_proj"]))
+    for setting, kind, example in lists:
+        value = config[setting]
+        if value is not None and not (isinstance(value, list) and all(kind(v) for v in value)):
+            raise LayerSelError(f"{setting}={value!r}; give a list, e.g. `{setting}: {example}` in yaml or "
+                                f"--{setting}=\"{example}\" on the command line, or ~ for the default.")
+
+
 def check_int8(quantize, train_mode: str, device, llm_dtype: str) -> None:
     if quantize != "int8":
         raise LayerSelError(f"quantize={quantize!r}; use int8 (torch dynamic quantisation) or ~ for none.")
@@ -111,17 +148,8 @@ class LayerSelLLM(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        for setting, replacement in REPLACED_SETTINGS.items():
-            if config[setting] is not None:
-                raise LayerSelError(
-                    f"{setting}={config[setting]!r} is no longer a setting; use {replacement}.")
-        if config["selection_proxy"] not in PROXIES:
-            raise LayerSelError(f"selection_proxy={config['selection_proxy']!r}; use one of {PROXIES}.")
+        check_settings(config)
         self.train_mode = config["train_mode"]
-        if self.train_mode not in TRAIN_MODES:
-            raise LayerSelError(f"train_mode={self.train_mode!r}; use one of {TRAIN_MODES}.")
-        if config["llm_dtype"] not in DTYPES:
-            raise LayerSelError(f"llm_dtype={config['llm_dtype']!r}; use one of {', '.join(DTYPES)}.")
         self.quantize, self.quantized, self._warned_int8_export = config["quantize"], False, False
         if self.quantize is not None:
             check_int8(self.quantize, self.train_mode, config["device"], config["llm_dtype"])

@@ -348,6 +348,13 @@ def test_only_the_kept_layers_reach_the_gpu(build, dtype):
     ({"num_layers": NUM_LAYERS + 1}, r"num_layers=7 must be an integer in 0..6"),
     ({"layer_strategy": "best"}, "layer_strategy='best' is not a strategy"),
     ({"train_mode": "full"}, "train_mode='full'"),
+    ({"loss_type": "BPR"}, r"loss_type='BPR'; use one of \('CE',\)"),
+    ({"selection_candidates": 0}, "selection_candidates=0; use a whole number >= 1"),
+    ({"state_batch_size": 2.5}, "state_batch_size=2.5; use a whole number >= 1"),
+    ({"distill_steps": -1}, "distill_steps=-1; use a whole number >= 0"),
+    ({"head_heads": 3}, "embedding_size=8 is not a multiple of head_heads=3"),
+    ({"selected_layers": 3}, r"selected_layers=3; give a list, e.g. `selected_layers: \[0, 1, 7\]`"),
+    ({"lora_target_modules": "q_proj"}, r"lora_target_modules='q_proj'; give a list"),
 ])
 def test_bad_settings_are_named(build, settings, message):
     with pytest.raises(LayerSelError, match=message):
