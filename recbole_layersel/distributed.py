@@ -1,5 +1,5 @@
-"""Data parallelism for the passes over the full LLM: importance, the greedy proxy, distillation and the
-frozen-state pass.
+"""Data parallelism for the passes over the full LLM: importance, distillation and the frozen-state pass
+(the greedy search runs in the first process, ``from_main``).
 
 One process group serves them and RecBole's own DDP trainer. It is set up by ``LayerSelConfig`` (see
 ``registry.py``) from RecBole's ``--nproc`` or from a launcher's environment (``accelerate launch``,
@@ -107,13 +107,6 @@ def broadcast_parameters(module: torch.nn.Module, skip_prefix: str | None = None
             if skip_prefix is None or not name.startswith(skip_prefix):
                 buffer = parameter.detach().clone() if is_main() else torch.zeros_like(parameter)
                 parameter.copy_(all_reduce_sum(buffer))
-
-
-def main_value(value: float) -> float:
-    """Rank 0's ``value`` in every process (e.g. its clock, so a time budget stops all of them at once)."""
-    if not active():
-        return value
-    return float(all_reduce_sum(torch.tensor([value if is_main() else 0.0], dtype=torch.float64)))
 
 
 def launcher_settings() -> dict:

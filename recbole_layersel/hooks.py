@@ -14,8 +14,8 @@ shape); it gets back the compact backbone to train. The recommender itself is no
    model's states at the compact model's depth (after its deepest kept layer and the final norm) on the
    sample.
 
-A stage is skipped when the config gives its result (``selected_layers`` skips 1 and 2 unless a later
-stage needs importance; ``distill_steps: 0`` skips 3) and is cached under ``<llm_cache_dir>/stages/``,
+A stage is skipped when the config gives its result (``selected_layers`` or a data-free strategy skips
+1 and 2; ``distill_steps: 0`` skips 3) and is cached under ``<llm_cache_dir>/stages/``,
 keyed by model, dataset, data samples and settings, so a rerun or a second variant reuses it. Under a
 process group the importance and distillation passes share their batches out; the greedy search runs
 in the first process and the others take its result.
@@ -56,7 +56,12 @@ from recbole_layersel.proxy import (
     sample_loss,
 )
 from recbole_layersel.samples import SequenceSample
-from recbole_layersel.selection import DATA_FREE_STRATEGIES, greedy_select, select_layers
+from recbole_layersel.selection import (
+    DATA_FREE_STRATEGIES,
+    IMPORTANCE_STRATEGIES,
+    greedy_select,
+    select_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +284,8 @@ def _distill(compact: CompactBackbone, llm, data: HookData, settings: HookSettin
         if dist.distill_layerwise and importance is None:
             raise LayerSelError(
                 "distill_layerwise=True weights layers by Fisher importance and needs the importance "
-                "pass; use layer_strategy=importance (or block_influence, contiguous, magnitude), or set "
+                "pass, which runs only when layer_strategy scores layers "
+                f"({', '.join(IMPORTANCE_STRATEGIES)}) and selected_layers is ~; choose so, or set "
                 "distill_layerwise=False."
             )
         inputs, mask = data.inputs()

@@ -4,10 +4,10 @@ Strategies that need no data: ``first``, ``last``, ``uniform`` (evenly spread, f
 included) and ``random`` (seeded). Strategies that read the importance pass (``importance.py``):
 
 - ``importance``: greedy search (``greedy_select``). Each step tries the most important layers not yet
-  kept (by fused importance), scores each candidate set by a proxy (``proxy.py``: validation NDCG@10
-  after a short adaptation) and keeps the best; it stops at ``num_layers``, when ``patience`` additions in
-  a row gain less than ``min_gain`` (relative; those additions are then dropped again; ``patience`` None:
-  never), or when the budget runs out.
+  kept (by fused importance), scores each candidate set by a proxy (``proxy.py``: validation NDCG@10 of
+  items ranked by the set's text prior, or after a short adaptation) and keeps the best; it stops at
+  ``num_layers``, when ``patience`` additions in a row gain less than ``min_gain`` (relative; those
+  additions are then dropped again; ``patience`` None: never), or when the budget runs out.
 - ``block_influence``: keep the k layers of highest block influence (ShortGPT removes the lowest).
 - ``contiguous``: drop the contiguous block of L - k layers whose input and output are closest in
   angular distance (Gromov et al.), keep the rest.

@@ -181,6 +181,8 @@ def test_distillation_lowers_the_compact_vs_full_error(hooked, tmp_path):
     ({"selection_proxy": "fidelity"}, r"selection_proxy='fidelity'; use one of \('content', 'adapted'\)"),
     ({"selection_proxy": "adapted", "selection_train_users": 99}, r"selection_train_users=99 is larger than"),
     ({"layer_strategy": "best"}, r"layer_strategy='best' is not a strategy"),
+    ({"selected_layers": [0, 5], "distill_steps": 2, "distill_layerwise": True},
+     r"layer_strategy scores layers \(importance, .*\) and selected_layers is ~"),
 ])
 def test_bad_hook_settings_are_named(hooked, settings, message):
     with pytest.raises(LayerSelError, match=message):
