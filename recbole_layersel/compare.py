@@ -33,18 +33,22 @@ def _hooks(llm: str, dataset: str, config_dict: dict) -> None:
 
 
 def run_hooks(llm: str, dataset: str, out: Path, settings: dict) -> Path:
-    """``<out>/<dataset>/<llm name>/`` with the hooks' artifacts, computed now unless already there."""
-    folder = out / dataset / Path(llm).name
-    if not (folder / "selection.json").is_file():
-        config_dict = {"layer_strategy": "importance", "distill_steps": 0, **settings, "hooks_only": True,
-                       "artifacts_dir": str(folder)}
-        context = multiprocessing.get_context("spawn")
-        process = context.Process(target=_hooks, args=(llm, dataset, config_dict))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"the hooks of {llm} on {dataset} failed (exit code {process.exitcode}); "
-                               "its RecBole log says why.")
+    """``<out>/<dataset>/<llm name>/`` with the hooks' artifacts, computed now unless the folder holds those
+    of the same model and settings (``hooks.json``, written last)."""
+    folder, identity = out / dataset / Path(llm).name, {"llm_path": llm, **settings}
+    recorded = folder / "hooks.json"
+    if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) == identity:
+        return folder
+    config_dict = {"layer_strategy": "importance", "distill_steps": 0, **settings, "hooks_only": True,
+                   "artifacts_dir": str(folder)}
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=_hooks, args=(llm, dataset, config_dict))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"the hooks of {llm} on {dataset} failed (exit code {process.exitcode}); "
+                           "its RecBole log says why.")
+    write_atomic(recorded, json.dumps(identity, indent=1))
     return folder
 
 
@@ -98,7 +102,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     settings = {"seed": args.seed, "show_progress": False}
-    folders = {Path(llm).name: run_hooks(llm, args.dataset, out, settings) for llm in args.llms}
+    names = [Path(llm).name for llm in args.llms]
+    if len(set(names)) < len(names):
+        parser.error(f"--llms {args.llms}: two models share a name ({names}), and so a folder; copy one to "
+                     "a directory of another name.")
+    folders = {name: run_hooks(llm, args.dataset, out, settings)
+               for name, llm in zip(names, args.llms, strict=True)}
     print(compare(folders, args.dataset, out))
     return 0
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from recbole_layersel import compare as compare_module
-from recbole_layersel.compare import compare, run_hooks
+from recbole_layersel.compare import compare, main, run_hooks
 from recbole_layersel.errors import LayerSelError
 from tests.conftest import write_atomic_dataset
 from tests.tiny_models import CONFIGS, save_tiny_llm
@@ -33,9 +33,18 @@ def test_two_models_are_compared_from_their_hooks(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_module.multiprocessing, "get_context",
                         lambda *a: pytest.fail("finished hooks were rerun"))
     assert run_hooks(str(tmp_path / "llama"), "tiny", tmp_path / "out", settings) == folders["llama"]
+    with pytest.raises(pytest.fail.Exception, match="rerun"):  # another seed's hooks are not those
+        run_hooks(str(tmp_path / "llama"), "tiny", tmp_path / "out", {**settings, "seed": 7})
 
     old = tmp_path / "out" / "tiny" / "llama" / "importance.json"
     report = json.loads(old.read_text())
     old.write_text(json.dumps({key: value for key, value in report.items() if key != "groups"}))
     with pytest.raises(LayerSelError, match=r"lacks \['groups'\]: an earlier version .* Move .* away"):
         compare(folders, "tiny", tmp_path / "out")
+
+
+def test_two_models_of_one_name_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--dataset", "tiny", "--llms", str(tmp_path / "a" / "llm"), str(tmp_path / "b" / "llm"),
+              "--out", str(tmp_path / "out")])
+    assert "two models share a name" in capsys.readouterr().err and not (tmp_path / "out").exists()
