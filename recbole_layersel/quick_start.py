@@ -21,7 +21,8 @@ from recbole_layersel.protocol import convergence
 from recbole_layersel.registry import LayerSelConfig, get_trainer_class
 
 
-def check_dataset_files(data_path: str, dataset: str, title_field: str | None = None) -> None:
+def check_dataset_files(data_path: str, dataset: str, title_field: str | None = None,
+                        separator: str = "\t") -> None:
     """Fail with the fix when the atomic files are missing, or lack the title field a model needs."""
     folder = Path(data_path)
     inter_file = folder / f"{dataset}.inter"
@@ -40,7 +41,7 @@ def check_dataset_files(data_path: str, dataset: str, title_field: str | None = 
             f"(title_field={title_field!r}). Provide {dataset}.item with a title column."
         )
     with open(item_file, encoding="utf-8") as file:
-        fields = [column.split(":")[0] for column in file.readline().rstrip("\n").split("\t")]
+        fields = [column.split(":")[0] for column in file.readline().rstrip("\r\n").split(separator)]
     if title_field not in fields:
         raise LayerSelError(
             f"dataset {dataset!r}: title_field={title_field!r} is not a column of {item_file} "
@@ -65,7 +66,7 @@ def check_config(config) -> None:
 
         check_replaceable(Path(config["export_dir"]).resolve(), META_NAME)
     title_field = config["title_field"] if getattr(config.model_class, "needs_titles", False) else None
-    check_dataset_files(config["data_path"], config["dataset"], title_field)
+    check_dataset_files(config["data_path"], config["dataset"], title_field, config["field_separator"])
     if title_field is not None:
         item_columns = (config["load_col"] or {}).get("item", [])
         if title_field not in item_columns:

@@ -136,6 +136,16 @@ def test_check_dataset_files_names_the_missing_item_file(tmp_path):
         check_dataset_files(str(folder), "noitem", title_field="title")
 
 
+def test_check_dataset_files_reads_the_header_with_the_field_separator(tmp_path):
+    folder = tmp_path / "comma"
+    folder.mkdir()
+    (folder / "comma.inter").write_text("user_id:token,item_id:token\n1,2\n")
+    (folder / "comma.item").write_text("item_id:token,title:token_seq\r\n2,A film\r\n")
+    check_dataset_files(str(folder), "comma", title_field="title", separator=",")
+    with pytest.raises(LayerSelError, match=r"title_field='title' is not a column"):
+        check_dataset_files(str(folder), "comma", title_field="title")  # read with tabs: one column
+
+
 def tiny_llm_run(tmp_path, **settings):
     write_atomic_dataset(tmp_path / "data", "tiny")
     save_tiny_llm(tmp_path / "llm", CONFIGS["llama"]())
