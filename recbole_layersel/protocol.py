@@ -90,11 +90,13 @@ class HistoryMaskMixin:
 
 class ResumeMixin:
     """With ``resume_file`` set, the training state before each epoch (weights, optimizer, early-stopping
-    counters, the best weights so far, every random state) is written there, atomically, and ``fit``
-    starts from it when it exists: a run killed mid-training and started again ends exactly as one that
-    was never stopped. The file holds tensors and plain values only (torch's safe loader reads it)."""
+    counters, the best weights so far, the validation curve, every random state) is written there,
+    atomically, and ``fit`` starts from it when it exists: a run killed mid-training and started again ends
+    exactly as one that was never stopped. The file holds tensors and plain values only (torch's safe
+    loader reads it). ``valid_curve`` holds the validation metric of every evaluation, for the run file."""
 
     def fit(self, train_data, *args, **kwargs):
+        self.valid_curve = []
         path = self.config["resume_file"]
         if path and Path(path).is_file():
             self._resume(torch.load(path, map_location="cpu", weights_only=True), train_data)
@@ -104,6 +106,11 @@ class ResumeMixin:
         if self.config["resume_file"] and epoch_idx > self.start_epoch and self._writes():
             self._save_resume_state(train_data, epoch_idx)
         return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+
+    def _valid_epoch(self, valid_data, *args, **kwargs):
+        valid_score, valid_result = super()._valid_epoch(valid_data, *args, **kwargs)
+        self.valid_curve.append(float(valid_score))
+        return valid_score, valid_result
 
     def _save_checkpoint(self, epoch, *args, **kwargs):
         super()._save_checkpoint(epoch, *args, **kwargs)
@@ -120,7 +127,7 @@ class ResumeMixin:
             "epoch": epoch_idx, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "cur_step": self.cur_step, "best_valid_score": float(self.best_valid_score),
             "best_valid_result": {k: float(v) for k, v in (self.best_valid_result or {}).items()},
-            "train_loss": dict(self.train_loss_dict),
+            "train_loss": dict(self.train_loss_dict), "valid_curve": list(self.valid_curve),
             "best_model": getattr(self, "best_state", None), "best_epoch": getattr(self, "best_epoch", None),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(numpy.int64)),
@@ -138,6 +145,7 @@ class ResumeMixin:
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch, self.cur_step = state["epoch"], state["cur_step"]
         self.best_valid_score, self.train_loss_dict = state["best_valid_score"], state["train_loss"]
+        self.valid_curve = state["valid_curve"]
         self.best_valid_result = state["best_valid_result"] or None
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -149,12 +157,13 @@ class ResumeMixin:
 
 
 def convergence(trainer) -> dict:
-    """How training ended: epochs run, the best epoch (RecBole's own reckoning) and what stopped it:
-    early stopping, the epoch cap, or the one pass that completes a counting model (Pop, ItemKNN)."""
+    """How training ended: epochs run, the best epoch (RecBole's own reckoning), what stopped it (early
+    stopping, the epoch cap, or the one pass that completes a counting model: Pop, ItemKNN) and the
+    validation metric of every evaluation (``valid_curve``)."""
     epochs_run = max(trainer.train_loss_dict, default=-1) + 1
     if trainer.config["MODEL_TYPE"] == ModelType.TRADITIONAL:
         stopped_by = "one pass"
     else:
         stopped_by = "early stopping" if trainer.cur_step > trainer.stopping_step else "epoch cap"
     return {"epochs_run": epochs_run, "best_epoch": epochs_run - 1 - trainer.cur_step * trainer.eval_step,
-            "stopped_by": stopped_by}
+            "stopped_by": stopped_by, "valid_curve": trainer.valid_curve}

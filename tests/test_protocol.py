@@ -103,6 +103,8 @@ def test_a_run_killed_mid_training_resumes_and_ends_as_if_never_stopped(tmp_path
     assert resumed["test_result"] == uninterrupted["test_result"]
     assert resumed["best_valid_result"] == uninterrupted["best_valid_result"]
     assert resumed["epochs_run"] == 5 and resumed["stopped_by"] == "epoch cap"
+    assert len(uninterrupted["valid_curve"]) == 5 and resumed["valid_curve"] == uninterrupted["valid_curve"]
+    assert max(resumed["valid_curve"]) == resumed["best_valid_score"]
     assert not (tmp_path / "killed.resume.pth").exists()  # a finished run leaves no resume state
 
 
