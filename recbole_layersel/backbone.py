@@ -110,8 +110,8 @@ class Bridge(nn.Module):
     With `rank` r < hidden_size, linear and residual bridges learn a rank-r change instead:
     W = I + U V (linear) and W = U V (residual), U = 0 at init, both computed as h + U (V h).
     A full-rank bridge costs H^2 multiply-adds per token, about 9 % of a SmolLM2 layer, so seven of
-    them (8 of 30 layers kept evenly) cost 0.6 of a layer; rank 64 costs a ninth of that. Distillation
-    fits a bridge on a few thousand states, which a rank-64 map fits as well as a full one.
+    them (8 of 30 layers kept evenly) cost 0.6 of a layer; rank 64 (2·64·H) costs two ninths of that.
+    Distillation fits a bridge on a few thousand states, which a rank-64 map fits as well as a full one.
     `regularizer()` measures the distance from the identity (||W - I||^2, ||W||^2, squared up-projection
     parameters, 0), the penalty that keeps bridges close to "skip nothing" during distillation.
     """
