@@ -75,6 +75,15 @@ POSITIVE_SETTINGS = ("importance_sample_users", "importance_max_items", "selecti
                      "selection_beam_width", "title_max_tokens", "title_batch_size", "state_batch_size",
                      "embedding_size", "head_layers", "head_heads", "head_inner_size", "lora_r")
 STEP_SETTINGS = ("importance_warmup_steps", "selection_adapt_steps", "distill_steps")
+# Real-valued settings: what a valid value is, and how the error says it.
+NUMBER_SETTINGS = {
+    "learning_rate": (lambda v: v > 0, "a number > 0, e.g. 0.001"),
+    "distill_lr": (lambda v: v > 0, "a number > 0, e.g. 0.001"),
+    "distill_reg_lambda": (lambda v: v >= 0, "a number >= 0 (0: no pull towards the identity)"),
+    "selection_min_gain": (lambda v: v >= 0, "a number >= 0 (0.01 = 1 %)"),
+    "head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+}
 
 
 def _is_int(value) -> bool:
@@ -94,6 +103,10 @@ def check_settings(config) -> None:
         least = 1 if setting in POSITIVE_SETTINGS else 0
         if not _is_int(config[setting]) or config[setting] < least:
             raise LayerSelError(f"{setting}={config[setting]!r}; use a whole number >= {least}.")
+    for setting, (valid, wanted) in NUMBER_SETTINGS.items():
+        value = config[setting]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
+            raise LayerSelError(f"{setting}={value!r}; use {wanted}.")
     if config["embedding_size"] % config["head_heads"]:
         raise LayerSelError(f"embedding_size={config['embedding_size']} is not a multiple of "
                             f"head_heads={config['head_heads']}; each attention head reads an equal share.")

@@ -353,6 +353,8 @@ def test_only_the_kept_layers_reach_the_gpu(build, dtype):
     ({"state_batch_size": 2.5}, "state_batch_size=2.5; use a whole number >= 1"),
     ({"distill_steps": -1}, "distill_steps=-1; use a whole number >= 0"),
     ({"head_heads": 3}, "embedding_size=8 is not a multiple of head_heads=3"),
+    ({"head_dropout": 1.0}, r"head_dropout=1.0; use a probability in \[0, 1\)"),
+    ({"learning_rate": "fast"}, r"learning_rate='fast'; use a number > 0"),
     ({"selected_layers": 3}, r"selected_layers=3; give a list, e.g. `selected_layers: \[0, 1, 7\]`"),
     ({"lora_target_modules": "q_proj"}, r"lora_target_modules='q_proj'; give a list"),
 ])
