@@ -13,6 +13,7 @@ A dataset without a yaml, run without ``load_col``, gets the shipped yamls' prot
 atomic files' headers name (``LayerSelConfig._derive_dataset_config``).
 """
 
+import difflib
 import importlib
 import re
 from logging import getLogger
@@ -95,8 +96,26 @@ def get_trainer_class(config: Config) -> type:
     )
 
 
+# Settings that no yaml defines: RecBole's launcher arguments and the run-level ones of this package.
+RUN_SETTINGS = {"model", "dataset", "config_files", "nproc", "ip", "port", "world_size", "offset",
+                "group_offset", "local_rank", "launcher", "resume_file", "export_dir"}
+
+
 class LayerSelConfig(Config):
     """RecBole's ``Config`` that knows the plugin's models and reads the plugin's yaml defaults."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._warn_unknown_settings()
+
+    def _warn_unknown_settings(self):
+        """RecBole keeps any key it is given; one that no default defines is most likely a typo."""
+        known = set(self.internal_config_dict) | RUN_SETTINGS
+        for key in sorted(set(self.external_config_dict) - known):
+            close = difflib.get_close_matches(key, known, n=1)
+            getLogger(__name__).warning(
+                f"{key}={self.external_config_dict[key]!r} is not a setting of {self.model} or RecBole, so "
+                f"nothing reads it{f'; did you mean {close[0]}?' if close else '.'}")
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:

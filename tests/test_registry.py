@@ -75,6 +75,16 @@ def test_shipped_dataset_config_sets_the_benchmark_protocol(argv):
     assert "title_field" in config.parameters["Dataset"]
 
 
+def test_a_setting_nothing_defines_is_named_with_the_closest_one(argv, caplog):
+    LayerSelConfig("SASRec", "ml-100k", config_dict={"n_layers": 1, "resume_file": "x.pth", "seed": 3})
+    assert not caplog.records  # RecBole's, the model's and the run's own settings
+    LayerSelConfig("SASRec", "ml-100k", config_dict={"num_layers": 4, "learning_rat": 0.01, "zzz": 1})
+    unread = "is not a setting of SASRec or RecBole, so nothing reads it"
+    assert [record.getMessage() for record in caplog.records] == [
+        f"learning_rat=0.01 {unread}; did you mean learning_rate?",
+        f"num_layers=4 {unread}; did you mean n_layers?", f"zzz=1 {unread}."]
+
+
 def test_cross_entropy_implies_no_training_negatives(argv):
     assert LayerSelConfig("SASRec", "ml-100k")["train_neg_sample_args"]["distribution"] == "none"
     assert LayerSelConfig("BPR", "ml-100k")["train_neg_sample_args"]["distribution"] == "uniform"
