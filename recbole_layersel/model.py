@@ -117,6 +117,16 @@ def check_settings(config) -> None:
         if value is not None and not (isinstance(value, list) and all(kind(v) for v in value)):
             raise LayerSelError(f"{setting}={value!r}; give a list, e.g. `{setting}: {example}` in yaml or "
                                 f"--{setting}=\"{example}\" on the command line, or ~ for the default.")
+    if config["quantize"] is not None:
+        check_int8(config["quantize"], config["train_mode"], config["device"], config["llm_dtype"])
+    if config["llm_quantization"] and config["selected_layers"] is None \
+            and config["layer_strategy"] not in DATA_FREE_STRATEGIES:
+        raise LayerSelError(
+            f"layer_strategy={config['layer_strategy']!r} scores layers by gradients and weights, "
+            f"which llm_quantization={config['llm_quantization']!r} stores as integers. Choose the "
+            "layers without quantization (hooks_only=True), then pass them as selected_layers; or "
+            f"use a data-free strategy ({', '.join(DATA_FREE_STRATEGIES)})."
+        )
 
 
 def check_int8(quantize, train_mode: str, device, llm_dtype: str) -> None:
@@ -164,16 +174,6 @@ class LayerSelLLM(SequentialRecommender):
         check_settings(config)
         self.train_mode = config["train_mode"]
         self.quantize, self.quantized, self._warned_int8_export = config["quantize"], False, False
-        if self.quantize is not None:
-            check_int8(self.quantize, self.train_mode, config["device"], config["llm_dtype"])
-        if config["llm_quantization"] and config["selected_layers"] is None \
-                and config["layer_strategy"] not in DATA_FREE_STRATEGIES:
-            raise LayerSelError(
-                f"layer_strategy={config['layer_strategy']!r} scores layers by gradients and weights, "
-                f"which llm_quantization={config['llm_quantization']!r} stores as integers. Choose the "
-                "layers without quantization (hooks_only=True), then pass them as selected_layers; or "
-                f"use a data-free strategy ({', '.join(DATA_FREE_STRATEGIES)})."
-            )
 
         cache_dir = Path(config["llm_cache_dir"] or default_cache_dir()).expanduser()
         llm_path = resolve_llm(config["llm_path"], cache_dir)
@@ -196,15 +196,7 @@ class LayerSelLLM(SequentialRecommender):
         self.lora_settings = {"r": config["lora_r"], "alpha": config["lora_alpha"],
                               "dropout": config["lora_dropout"], "targets": config["lora_target_modules"]}
 
-        num_source_layers, explicit = llm.config.num_hidden_layers, config["selected_layers"]
-        if config["num_layers"] == "all":  # every layer, however many this model has
-            config["num_layers"] = num_source_layers
-        if explicit is None:
-            check_strategy(config["layer_strategy"], config["num_layers"], num_source_layers)
-        chosen = None  # the kept layers, when no data is needed to choose them
-        if explicit is not None or config["layer_strategy"] in DATA_FREE_STRATEGIES:
-            chosen = select_layers(num_source_layers, selected_layers=explicit, seed=config["seed"],
-                                   strategy=config["layer_strategy"], num_layers=config["num_layers"])
+        chosen = self._data_free_layers(llm.config.num_hidden_layers)
         # Distillation trains the bridges between kept layers that are not adjacent; adjacent ones have none,
         # and then the whole model is never needed (nor moved to the device).
         hooks_needed = chosen is None or bool(
@@ -215,14 +207,15 @@ class LayerSelLLM(SequentialRecommender):
             # Until then the item vectors read the prior of no layer (token embeddings), which costs
             # no pass of the full model over every title.
             llm = _on_device(llm, device)
-            backbone = CompactBackbone(llm, list(range(num_source_layers))).requires_grad_(False)
+            backbone = CompactBackbone(llm, list(range(llm.config.num_hidden_layers))).requires_grad_(False)
             encoded = self._encode_titles(CompactBackbone(llm, []), llm.get_input_embeddings(), tokenizer)
             self._source_llm = (llm, tokenizer)
         else:
             backbone = seeded_backbone(llm, chosen, config["seed"], config["mlp_bridges"],
                                        config["bridge_rank"]).to(device)
-            how = "selected_layers" if explicit is not None else f"layer_strategy {config['layer_strategy']}"
-            logger.info(f"Compact backbone: layers {chosen} of {num_source_layers} ({how}, no hooks needed)")
+            how = "selected_layers" if config["selected_layers"] is not None else config["layer_strategy"]
+            logger.info(f"Compact backbone: layers {chosen} of {llm.config.num_hidden_layers} ({how}, "
+                        "no hooks needed)")
             encoded = self._encode_titles(backbone, llm.get_input_embeddings().to(device), tokenizer)
             self._source_llm = ()
         del llm  # without hooks, the unselected layers, token embeddings and any head are freed here
@@ -234,6 +227,19 @@ class LayerSelLLM(SequentialRecommender):
         # user -> [(a history read, its backbone states (length, H)), ...]; a row reuses states only
         # when its own history is a prefix of one read, so another history of a known user is computed.
         self.frozen_states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _data_free_layers(self, num_source_layers: int) -> list[int] | None:
+        """The layers to keep when no data is needed to choose them (``selected_layers`` or a data-free
+        strategy), else None: the hooks choose them in ``before_training``."""
+        config, explicit = self.config, self.config["selected_layers"]
+        if config["num_layers"] == "all":  # every layer, however many this model has
+            config["num_layers"] = num_source_layers
+        if explicit is None:
+            check_strategy(config["layer_strategy"], config["num_layers"], num_source_layers)
+            if config["layer_strategy"] not in DATA_FREE_STRATEGIES:
+                return None
+        return select_layers(num_source_layers, selected_layers=explicit, seed=config["seed"],
+                             strategy=config["layer_strategy"], num_layers=config["num_layers"])
 
     def _check_backbone_fits(self, llm_config, llm_path: str) -> None:
         if not is_causal(llm_config):
