@@ -239,7 +239,7 @@ def _selection(llm, data: HookData, settings: HookSettings, importance: Importan
         if cached is not None:
             logger.info("Reusing the greedy selection from the stage cache.")
             return cached
-        proxy = _proxy(llm, data, settings)
+        proxy = build_proxy(sel.selection_proxy, llm, data.proxy, settings)
 
         def evaluate(layers: list[int]) -> float:
             score = proxy(layers)
@@ -260,14 +260,14 @@ def _selection(llm, data: HookData, settings: HookSettings, importance: Importan
     return from_main(search)
 
 
-def _proxy(llm, data: HookData, settings: HookSettings):
+def build_proxy(name: str, llm, data: ProxyData, settings: HookSettings):
+    """The greedy search's proxy ``name`` (``proxy.PROXIES``) as the search builds it from ``settings``."""
     sel, dist = settings.selection, settings.distill
-    if sel.selection_proxy == "content":
-        return ContentNDCG(data.proxy)
+    if name == "content":
+        return ContentNDCG(data)
     adapt_settings = AdaptSettings(sel.selection_adapt_steps, settings.importance.learning_rate * 10,
                                    sel.selection_batch_size, settings.importance.seed)
-    return AdaptedNDCG(llm, data.proxy, adapt_settings, mlp_bridges=dist.mlp_bridges,
-                       bridge_rank=dist.bridge_rank)
+    return AdaptedNDCG(llm, data, adapt_settings, mlp_bridges=dist.mlp_bridges, bridge_rank=dist.bridge_rank)
 
 
 def _distill(compact: CompactBackbone, llm, data: HookData, settings: HookSettings,

@@ -21,10 +21,10 @@ from scipy.stats import spearmanr
 from recbole_layersel.compat import atomic_files_verbatim
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import write_atomic
-from recbole_layersel.hooks import HookSettings
+from recbole_layersel.hooks import HookSettings, build_proxy
 from recbole_layersel.leaderboard import recbole_config
 from recbole_layersel.model import LayerSelLLM
-from recbole_layersel.proxy import PROXIES, AdaptedNDCG, AdaptSettings, ContentNDCG
+from recbole_layersel.proxy import PROXIES
 
 
 def finished_runs(runs: Path, dataset: str, seed: int) -> tuple[str, dict[tuple[int, ...], dict[str, float]]]:
@@ -46,10 +46,12 @@ def finished_runs(runs: Path, dataset: str, seed: int) -> tuple[str, dict[tuple[
     return split, by_layers
 
 
-def proxies(dataset: str, seed: int) -> dict:
-    """Both proxies, built as the hooks of a LayerSelLLM run of ``seed`` on ``dataset`` build them."""
+def proxies(dataset: str, seed: int, overrides: dict | None = None) -> dict:
+    """Both proxies, built as the hooks of a LayerSelLLM run of ``seed`` on ``dataset`` (and ``overrides``)
+    build them; its settings name the adapted proxy, so that the hooks' data holds its training sample."""
     config = recbole_config("LayerSelLLM", dataset, {"seed": seed, "layer_strategy": "importance",
-                                                     "selection_proxy": "adapted", "show_progress": False})
+                                                     "show_progress": False, **(overrides or {}),
+                                                     "selection_proxy": "adapted"})
     init_seed(seed, config["reproducibility"])
     with atomic_files_verbatim():
         train, valid, _ = data_preparation(config, create_dataset(config))
@@ -57,10 +59,7 @@ def proxies(dataset: str, seed: int) -> dict:
     llm, tokenizer = model._source_llm
     settings = HookSettings.from_config(config)
     data = model._hook_data(train, valid, settings, llm, tokenizer).proxy
-    selection = settings.selection
-    adapt = AdaptSettings(selection.selection_adapt_steps, config["learning_rate"] * 10,
-                          selection.selection_batch_size, seed)
-    return {"content": ContentNDCG(data), "adapted": AdaptedNDCG(llm, data, adapt)}
+    return {name: build_proxy(name, llm, data, settings) for name in PROXIES}
 
 
 def check(dataset: str, seed: int, runs: Path, names: tuple[str, ...] = PROXIES) -> dict:

@@ -228,9 +228,15 @@ def test_the_proxy_not_the_ranking_decides_which_layer_is_kept(hooked, tmp_path,
     assert [candidate["proxy"] for candidate in selection["trajectory"][1]["candidates"]][0] == 0.61
 
 
-def test_the_adapted_proxy_drives_the_search_too(hooked, tmp_path):
+def test_the_adapted_proxy_drives_the_search_too(hooked, tmp_path, monkeypatch):
+    monkeypatch.setattr(hooks, "ContentNDCG", lambda *args: pytest.fail("the content proxy was built"))
+    adapted_calls = []
+    call = hooks.AdaptedNDCG.__call__
+    monkeypatch.setattr(hooks.AdaptedNDCG, "__call__", lambda self, layers: adapted_calls.append(layers)
+                        or call(self, layers))
     model, _ = hooked(selection_proxy="adapted")
     selection = json.loads((tmp_path / "run" / "selection.json").read_text())
     assert selection["selected"] == model.selected_layers
     scores = [candidate["proxy"] for step in selection["trajectory"] for candidate in step["candidates"]]
     assert all(0.0 <= score <= 1.0 for score in scores) and len(set(scores)) > 1
+    assert len(adapted_calls) == len(scores)  # every score the search logged is the adapted proxy's

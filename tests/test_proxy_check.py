@@ -6,6 +6,9 @@ import pytest
 
 from recbole_layersel import proxy_check
 from recbole_layersel.errors import LayerSelError
+from tests.conftest import write_atomic_dataset
+from tests.test_quick_start import HOOKS_SMALL
+from tests.tiny_models import CONFIGS, save_tiny_llm
 
 
 def write_run(runs, entry, seed, layers, ndcg, status="ok", valid=None):
@@ -56,3 +59,16 @@ def test_validation_ndcg_is_used_when_every_run_recorded_it(tmp_path):
         write_run(tmp_path, entry, 1, layers, ndcg, valid=ndcg + 1)
     split, by_layers = proxy_check.finished_runs(tmp_path, "tiny", 1)
     assert split == "valid" and by_layers[(0,)] == {"LayerSelLLM-a": 1.3}
+
+
+def test_the_proxies_are_built_as_the_search_builds_them(tmp_path, argv):
+    write_atomic_dataset(tmp_path / "data", "tiny")
+    llm = save_tiny_llm(tmp_path / "llm", CONFIGS["llama"]())
+    built = proxy_check.proxies("tiny", 1, {
+        "data_path": str(tmp_path / "data"), "llm_path": str(llm), "llm_cache_dir": str(tmp_path / "cache"),
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
+        "title_field": "title", "embedding_size": 8, "title_max_tokens": 6, "num_layers": 3, "bridge_rank": 4,
+        **HOOKS_SMALL})
+    assert built["adapted"].bridges == {"mlp_bridges": False, "bridge_rank": 4}  # the config's, as the search
+    assert len(built["adapted"].train.users) == HOOKS_SMALL["selection_train_users"]
+    assert 0 <= built["content"]([0, 5]) <= 1 and 0 <= built["adapted"]([0, 5]) <= 1
