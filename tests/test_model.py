@@ -45,10 +45,11 @@ def build(tmp_path, argv):
 
 
 def read_the_states(model):
-    """Open the head's path from the LLM states, which starts closed (zero), so that scores depend on
-    the states as they do once trained."""
+    """Open the head's paths from the LLM states and the text prior, which start closed (zero), so that
+    scores depend on them as they do once trained."""
     with torch.no_grad():
         torch.nn.init.normal_(model.compact.state_projection[1].weight, std=0.5)
+        torch.nn.init.normal_(model.compact.text_projection.weight, std=0.5)
     return model
 
 
@@ -75,7 +76,7 @@ def train_steps(model, loader, steps, lr=0.01):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_sort_predict_agrees_with_predict(build, family):
     model, (_, _, test) = build(family)
-    model.eval()
+    read_the_states(model).eval()
     interaction = first_eval_batch(test)
     with torch.no_grad():
         scores = model.full_sort_predict(interaction)
