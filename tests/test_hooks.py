@@ -139,6 +139,7 @@ def test_adjacent_layers_chosen_without_data_skip_the_hooks(hooked, tmp_path, mo
 
 def test_explicit_layers_skip_importance_and_selection(hooked, monkeypatch):
     monkeypatch.setattr(hooks, "compute_importance", lambda *a, **k: pytest.fail("importance ran"))
+    monkeypatch.setattr(hooks, "greedy_select", lambda *a, **k: pytest.fail("the search ran"))
     model, _ = hooked(selected_layers=[0, 4, 5])
     assert model.selected_layers == [0, 4, 5]
 

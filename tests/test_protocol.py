@@ -1,6 +1,8 @@
 """The protocol of every run: sequential and general models rank the same items for the same user, and a
 run killed mid-training resumes to the same result."""
 
+import random
+
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
@@ -106,6 +108,23 @@ def test_a_run_killed_mid_training_resumes_and_ends_as_if_never_stopped(tmp_path
     assert len(uninterrupted["valid_curve"]) == 5 and resumed["valid_curve"] == uninterrupted["valid_curve"]
     assert max(resumed["valid_curve"]) == resumed["best_valid_score"]
     assert not (tmp_path / "killed.resume.pth").exists()  # a finished run leaves no resume state
+
+
+def test_early_stopping_is_reported_with_the_best_epoch_of_the_validation_curve(tmp_path, argv, monkeypatch):
+    folder = tmp_path / "data" / "noisy"  # random histories: validation NDCG rises, then wanders
+    folder.mkdir(parents=True)
+    draw = random.Random(0)
+    rows = [f"{user}\t{draw.randrange(40)}\t{step}" for user in range(60) for step in range(12)]
+    (folder / "noisy.inter").write_text("\n".join(["user_id:token\titem_id:token\ttimestamp:float", *rows]))
+    monkeypatch.chdir(tmp_path)
+    result = run_recbole("SASRec", "noisy", config_dict={
+        "data_path": str(tmp_path / "data"), "epochs": 60, "stopping_step": 1, "learning_rate": 0.05,
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "hidden_size": 8, "inner_size": 16,
+        "n_heads": 1, "n_layers": 1, "train_batch_size": 32, "show_progress": False})
+    curve = result["valid_curve"]
+    assert result["stopped_by"] == "early stopping" and len(curve) == result["epochs_run"] < 60
+    assert curve.index(max(curve)) == result["best_epoch"] == result["epochs_run"] - 3  # 2 evaluations later
+    assert max(curve) == result["best_valid_score"]
 
 
 def test_a_counting_model_is_complete_after_its_one_pass(tmp_path, argv, monkeypatch):
