@@ -209,13 +209,15 @@ def test_both_modes_train(build, mode):
 
 @pytest.mark.parametrize("mode", ["frozen", "lora"])
 def test_export_then_import_reproduces_the_scores_exactly(build, mode, tmp_path):
-    model, loaders = build("qwen3", train_mode=mode, selected_layers=[0, 1, 5])
+    # A rank-4 bridge (the hidden size is 32): the low-rank weights, trained in lora mode, must round-trip.
+    model, loaders = build("qwen3", train_mode=mode, selected_layers=[0, 1, 5], bridge_rank=4)
     model.before_training(*loaders)
     train_steps(model, loaders[0], 3)
     model.eval()
     export_dir = export_compact(model, tmp_path / "export")
     loaded, meta = load_compact(export_dir)
     assert meta["selected_layers"] == [0, 1, 5] and meta["bridges"] == ["identity", "residual"]
+    assert meta["bridge_rank"] == 4 == loaded.backbone.bridge_rank
     assert meta["item_ids"][1:] == model.item_tokens[1:] and meta["titles"][1] == model.item_title_texts[1]
     interaction = first_eval_batch(loaders[2])
     with torch.no_grad():
