@@ -1,5 +1,7 @@
 """LayerSelLLM on tiny random models of every family, on a tiny dataset the tests write themselves."""
 
+import json
+
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
@@ -230,6 +232,15 @@ def test_export_then_import_reproduces_the_scores_exactly(build, mode, tmp_path)
     assert [p.name for p in export_dir.parent.iterdir() if p.name.startswith(".")] == []
     (tmp_path / "plain").mkdir()
     assert export_dir.stat().st_mode == (tmp_path / "plain").stat().st_mode  # not private (mkdtemp's 0700)
+
+
+def test_a_folder_that_is_not_an_export_of_this_version_is_refused(tmp_path):
+    with pytest.raises(LayerSelError, match=r"is not a compact-model export: it needs layersel.json and"):
+        load_compact(tmp_path)
+    (tmp_path / "layersel.json").write_text(json.dumps({"format": "layersel-compact-0"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(LayerSelError, match=r"has format 'layersel-compact-0'; this version reads"):
+        load_compact(tmp_path)
 
 
 def test_int8_quantises_the_kept_layers_and_still_trains(build, tmp_path):
