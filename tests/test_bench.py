@@ -38,8 +38,14 @@ def test_benchmark_writes_ratio_rows_for_each_k_and_all(tiny_llm, tmp_path):
     assert [r["k"] for r in rows] == [1, 3, NUM_LAYERS]  # sorted; k > L dropped; all layers last
     assert rows[0]["layers"] == [0] and rows[1]["layers"] == [0, 2, 5]
     assert [r["ideal"] for r in rows] == [6.0, 2.0, 1.0]
-    for r in rows:
-        assert r["speedup"] > 0 and r["p95_speedup"] > 0 and r["throughput_ratio"] > 0
+    full = result["full"]
+    for r in rows:  # every ratio is the full model's figure over the row's, timed in the same process
+        mine = r["absolute"]
+        assert r["speedup"] == pytest.approx(full["median_s"] / mine["median_s"])
+        assert r["p95_speedup"] == pytest.approx(full["p95_s"] / mine["p95_s"])
+        assert r["throughput_ratio"] == pytest.approx(mine["users_per_s"] / full["users_per_s"])
+        assert r["train_speedup"] == pytest.approx(full["train_step_s"] / mine["train_step_s"])
+        assert r["params_ratio"] == pytest.approx(mine["params"] / full["params"])
         assert r["share_of_ideal"] == pytest.approx(r["speedup"] / r["ideal"])
         assert r["train_speedup"] > 0 and r["absolute"]["train_step_s"] > 0
         assert r["train_share_of_ideal"] == pytest.approx(r["train_speedup"] / r["ideal"])
