@@ -181,6 +181,14 @@ def parse_value(text: str):
         return text
 
 
+def parse_setting(item: str) -> tuple[str, object]:
+    """A --set item ``[ENTRY.]KEY=VALUE`` as its key (with any entry prefix) and parsed value."""
+    key, equals, value = item.partition("=")
+    if not equals or not key.rpartition(".")[2]:
+        raise LayerSelError(f"--set {item!r}: write KEY=VALUE, e.g. epochs=20 or SASRec.epochs=20.")
+    return key, parse_value(value)
+
+
 def resolved_config(model: str, dataset: str, config_dict: dict) -> dict:
     """RecBole's final config of a run (yaml defaults, dataset config and ``config_dict`` merged), as
     JSON, without the keys that say where a run happens (``ENVIRONMENT_KEYS``)."""
@@ -504,17 +512,15 @@ def entry_extras(items: list[str], entries: list[str]) -> dict[str, dict]:
     """Each entry's settings from ``--set`` items ``KEY=VALUE`` (every entry) or ``ENTRY.KEY=VALUE``."""
     extra = {name: {} for name in entries}
     for item in items:
-        key, equals, value = item.partition("=")
+        key, value = parse_setting(item)
         entry, _, entry_key = key.rpartition(".")
-        if not equals or not entry_key:
-            raise LayerSelError(f"--set {item!r}: write KEY=VALUE, e.g. epochs=20 or SASRec.epochs=20.")
         if entry_key in ("seed", "resume_file"):  # set per run by run_entry, which would overwrite it
             raise LayerSelError(f"--set {item!r}: the leaderboard sets {entry_key} for each run; "
                                 "choose seeds with --seeds.")
         for name in [entry] if entry else entries:
             if name not in extra:
                 raise LayerSelError(f"--set {item!r} names entry {name!r}, which is not among --entries")
-            extra[name][entry_key] = parse_value(value)
+            extra[name][entry_key] = value
     return extra
 
 

@@ -213,7 +213,8 @@ class LayerSelLLM(SequentialRecommender):
         else:
             backbone = seeded_backbone(llm, chosen, config["seed"], config["mlp_bridges"],
                                        config["bridge_rank"]).to(device)
-            how = "selected_layers" if config["selected_layers"] is not None else config["layer_strategy"]
+            how = "selected_layers" if config["selected_layers"] is not None else \
+                f"layer_strategy {config['layer_strategy']}"
             logger.info(f"Compact backbone: layers {chosen} of {llm.config.num_hidden_layers} ({how}, "
                         "no hooks needed)")
             encoded = self._encode_titles(backbone, llm.get_input_embeddings().to(device), tokenizer)

@@ -25,8 +25,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import save_figure, write_atomic
-from recbole_layersel.leaderboard import parse_value, recbole_config
+from recbole_layersel.leaderboard import parse_setting, recbole_config
 from recbole_layersel.proxy import content_ndcg_at_10
 from recbole_layersel.titles import POOLINGS, item_titles, pad_right, pool
 
@@ -100,10 +101,10 @@ def main(argv=None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. llm_path=gemma3-270m title_max_tokens=16")
     args = parser.parse_args(argv)
-    for item in args.set:
-        if "=" not in item or item.startswith("="):
-            parser.error(f"--set {item!r}: write KEY=VALUE, e.g. title_max_tokens=16")
-    overrides = {key: parse_value(value) for key, _, value in (item.partition("=") for item in args.set)}
+    try:
+        overrides = dict(parse_setting(item) for item in args.set)
+    except LayerSelError as error:
+        parser.error(str(error))
     result = screen("LayerSelLLM", args.dataset, overrides)
     write_atomic(args.out / f"{args.dataset}.json", json.dumps(result, indent=1))
     plot(result, args.out / f"{args.dataset}.png")
