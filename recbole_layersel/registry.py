@@ -99,6 +99,8 @@ def get_trainer_class(config: Config) -> type:
 # Settings that no yaml defines: RecBole's launcher arguments and the run-level ones of this package.
 RUN_SETTINGS = {"model", "dataset", "config_files", "nproc", "ip", "port", "world_size", "offset",
                 "group_offset", "local_rank", "launcher", "resume_file", "export_dir"}
+# This package's dataset setting: a dataset's yaml defines it, or a file passed with --config_files.
+DATASET_SETTINGS = {"title_field"}
 
 
 class LayerSelConfig(Config):
@@ -110,7 +112,7 @@ class LayerSelConfig(Config):
 
     def _warn_unknown_settings(self):
         """RecBole keeps any key it is given; one that no default defines is most likely a typo."""
-        known = set(self.internal_config_dict) | RUN_SETTINGS
+        known = set(self.internal_config_dict) | RUN_SETTINGS | DATASET_SETTINGS
         for key in sorted(set(self.external_config_dict) - known):
             close = difflib.get_close_matches(key, known, n=1)
             getLogger(__name__).warning(

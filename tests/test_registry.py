@@ -85,6 +85,13 @@ def test_a_setting_nothing_defines_is_named_with_the_closest_one(argv, caplog):
         f"num_layers=4 {unread}; did you mean n_layers?", f"zzz=1 {unread}."]
 
 
+def test_the_title_field_of_a_dataset_without_a_yaml_is_a_setting(argv, caplog, tiny_dataset):
+    LayerSelConfig("SASRec", "tiny", config_dict={
+        "data_path": str(tiny_dataset), "title_field": "title",
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}})
+    assert not caplog.records
+
+
 def test_cross_entropy_implies_no_training_negatives(argv):
     assert LayerSelConfig("SASRec", "ml-100k")["train_neg_sample_args"]["distribution"] == "none"
     assert LayerSelConfig("BPR", "ml-100k")["train_neg_sample_args"]["distribution"] == "uniform"
