@@ -117,26 +117,11 @@ def benchmark(llm_path: str, num_layers=DEFAULT_KS, *, batch_size: int = 64, seq
     ks = sorted({k for k in num_layers if 1 <= k < total}) + [total]
 
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # row 0 is RecBole's padding item, which has no title
-        embed = llm.get_input_embeddings()
-        titles = [embed(torch.randint(llm.config.vocab_size, (num_items + 1,), generator=generator)
-                        .to(device)).float() for _ in range(2)]
-        for title in titles:
-            title[0] = 0
+    models = _models(llm, ks, strategy, bridge_rank, embedding_size, num_items, seq_len, generator, seed)
+    models = {name: model.to(device).eval() for name, model in models.items()}
+    del llm  # frees the token embeddings, which no model uses
     item_seq = torch.randint(1, num_items + 1, (batch_size, seq_len), generator=generator).to(device)
     item_seq_len = torch.full((batch_size,), seq_len, device=device)
-
-    # The compact backbones hold the full model's own layer modules (no copies, which would put their
-    # weights elsewhere in memory and distort the timings); reseeding gives every model the same heads.
-    selections = {"full": list(range(total))}
-    selections |= {k: select_layers(total, strategy=strategy, num_layers=k, seed=seed) for k in ks}
-    models = {}
-    for name, layers in selections.items():
-        backbone = CompactBackbone(llm, layers, bridge_rank=bridge_rank)
-        torch.manual_seed(seed)
-        head = HeadConfig(embedding_size=embedding_size, max_length=seq_len)
-        models[name] = CompactRecommender(backbone, *titles, head).to(device).eval()
-    del llm, embed  # frees the token embeddings, which no model uses
 
     with torch.inference_mode():
         times = _interleaved(models, lambda m: m.full_sort_scores(item_seq, item_seq_len), repeats, device)
@@ -180,6 +165,31 @@ def benchmark(llm_path: str, num_layers=DEFAULT_KS, *, batch_size: int = 64, seq
                 "seq_len": seq_len, "num_items": num_items, "repeats": repeats, "dtype": dtype,
                 "embedding_size": embedding_size, "seed": seed}
     return {"machine": _machine(device), "settings": settings, "full": full, "rows": rows}
+
+
+def _models(llm, ks: list[int], strategy: str, bridge_rank: int | None, embedding_size: int, num_items: int,
+            seq_len: int, generator: torch.Generator, seed: int) -> dict:
+    """The full recommender ("full") and one compact one per k, with the same random titles and heads.
+
+    The compact backbones hold the full model's own layer modules (no copies, which would put their
+    weights elsewhere in memory and distort the timings); reseeding gives every model the same heads.
+    """
+    total = llm.config.num_hidden_layers
+    with torch.no_grad():  # row 0 is RecBole's padding item, which has no title
+        embed = llm.get_input_embeddings()
+        titles = [embed(torch.randint(llm.config.vocab_size, (num_items + 1,), generator=generator)
+                        .to(llm.device)).float() for _ in range(2)]
+        for title in titles:
+            title[0] = 0
+    selections = {"full": list(range(total))}
+    selections |= {k: select_layers(total, strategy=strategy, num_layers=k, seed=seed) for k in ks}
+    models = {}
+    for name, layers in selections.items():
+        backbone = CompactBackbone(llm, layers, bridge_rank=bridge_rank)
+        torch.manual_seed(seed)
+        models[name] = CompactRecommender(backbone, *titles, HeadConfig(embedding_size=embedding_size,
+                                                                         max_length=seq_len))
+    return models
 
 
 def _interleaved(models: dict, call, repeats: int, device: torch.device) -> dict[str, list[float]]:
