@@ -71,14 +71,18 @@ PINS = {"numpy": (numpy.__version__, "2"), "pandas": (pandas.__version__, "3"),
 
 
 class AtomicFilePandas:
-    """pandas as RecBole's dataset module sees it inside ``atomic_files_verbatim``: ``read_csv`` does
-    no quote processing, and reports the fields a CSV writer may have quoted."""
+    """pandas as RecBole's dataset module sees it inside ``atomic_files_verbatim``: ``read_csv`` of a
+    tab-separated file does no quote processing, and reports the fields a CSV writer may have quoted. A
+    file with another separator is CSV, where quotes are how a field holds that separator: read as
+    pandas reads it."""
 
     def __getattr__(self, name):
         return getattr(pandas, name)
 
     @staticmethod
     def read_csv(filepath, *args, **kwargs):
+        if kwargs.get("delimiter", kwargs.get("sep")) != "\t":
+            return pandas.read_csv(filepath, *args, **kwargs)
         frame = pandas.read_csv(filepath, *args, quoting=csv.QUOTE_NONE, **kwargs)
         warn_quoted_fields(filepath, frame)
         return frame

@@ -163,6 +163,24 @@ def test_atomic_files_are_read_without_quote_processing(tmp_path, argv):
     assert words == ['"C"', "Size", "Battery", "2"]
 
 
+def test_a_comma_separated_file_is_read_as_csv_with_its_quotes(tmp_path, argv):
+    def item_row(i):
+        return f'{i},"Item, number {i}",1.0' if i == 2 else f"{i},plain title {i},1.0"
+
+    write_atomic_dataset(tmp_path, "csv", n_items=6, item_header="item_id:token,title:token_seq,price:float",
+                         item_row=item_row)
+    inter = tmp_path / "csv" / "csv.inter"
+    inter.write_text(inter.read_text().replace("\t", ","))
+    config = LayerSelConfig("BPR", "csv", config_dict={
+        "data_path": str(tmp_path), "field_separator": ",", "load_col": {
+            "inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}})
+    with atomic_files_verbatim():
+        dataset = create_dataset(config)
+    items = dataset.item_feat.set_index("item_id")
+    words = [dataset.id2token("title", t) for t in items.loc[dataset.token2id("item_id", "2"), "title"]]
+    assert words == ["Item,", "number", "2"]
+
+
 def test_quoted_looking_fields_are_kept_and_reported_once_per_file(tmp_path, argv, caplog):
     def token(value, quotes):
         return f'"{value}"' if quotes == "both" else f'"{value}' if quotes == "open" else str(value)
