@@ -39,16 +39,23 @@ def windowed(train_data, config):
     return type(train_data)(config, dataset.copy(dataset.inter_feat[rows]), train_data._sampler, shuffle=True)
 
 
-def all_position_loss(states: torch.Tensor, item_seq: torch.Tensor, lengths: torch.Tensor,
-                      last_targets: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over all items at every position of right-padded rows (B, T): position t of a
-    row predicts its item t + 1, the last position the row's own target. ``states`` (B, T, H) are the
-    sequence model's outputs, scored against ``item_vectors`` (n_items, H). Under DDP the mean is over
-    the positions of every process."""
+def position_targets(item_seq: torch.Tensor, lengths: torch.Tensor,
+                     last_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, filled) of right-padded rows (B, T): position t of a row predicts its item t + 1, the
+    last position the row's own target; ``filled`` marks the positions a row has."""
     targets = torch.zeros_like(item_seq)
     targets[:, :-1] = item_seq[:, 1:]
     targets[torch.arange(len(item_seq), device=item_seq.device), lengths - 1] = last_targets
     filled = torch.arange(item_seq.shape[1], device=item_seq.device) < lengths.unsqueeze(1)
+    return targets, filled
+
+
+def all_position_loss(states: torch.Tensor, item_seq: torch.Tensor, lengths: torch.Tensor,
+                      last_targets: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all items at every position of right-padded rows (B, T)
+    (``position_targets``). ``states`` (B, T, H) are the sequence model's outputs, scored against
+    ``item_vectors`` (n_items, H). Under DDP the mean is over the positions of every process."""
+    targets, filled = position_targets(item_seq, lengths, last_targets)
     logits = states[filled] @ item_vectors.T
     return mean_under_ddp(nn.functional.cross_entropy(logits, targets[filled], reduction="sum"),
                           int(filled.sum()))

@@ -38,7 +38,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 from tqdm import tqdm
 
-from recbole_layersel.all_positions import all_position_loss
+from recbole_layersel.all_positions import all_position_loss, position_targets
 from recbole_layersel.backbone import CompactBackbone, is_causal, position_limit, seeded_backbone
 from recbole_layersel.compact import DTYPES, CompactRecommender, HeadConfig, add_lora
 from recbole_layersel.distributed import all_reduce_sum, broadcast_parameters, rank_and_world
@@ -189,9 +189,12 @@ class LayerSelLLM(SequentialRecommender):
         self.item_tokens = dataset.field2id_token[self.ITEM_ID].tolist()  # internal id -> dataset item id
         self.item_title_texts = item_titles(dataset, config["title_field"])
         self.titles_sha256 = hashlib.sha256("\n".join(self.item_title_texts).encode()).hexdigest()
-        # Popularity (training targets per item) answers users with no history; histories are filled
-        # by `before_training` from the loaders, so an export can recommend for a dataset's user id.
-        self.item_counts = torch.bincount(dataset.inter_feat[self.ITEM_ID], minlength=self.n_items).tolist()
+        # Popularity (training targets per item: every position of the training windows) answers users
+        # with no history; histories are filled by `before_training` from the loaders, so an export can
+        # recommend for a dataset's user id.
+        rows = dataset.inter_feat
+        targets, filled = position_targets(rows[self.ITEM_SEQ], rows[self.ITEM_SEQ_LEN], rows[self.ITEM_ID])
+        self.item_counts = torch.bincount(targets[filled], minlength=self.n_items).tolist()
         self.user_histories: dict[str, list[str]] = {}
         self.lora_settings = {"r": config["lora_r"], "alpha": config["lora_alpha"],
                               "dropout": config["lora_dropout"], "targets": config["lora_target_modules"]}

@@ -45,7 +45,10 @@ class TitleSettings(StageSettings):
 def item_titles(dataset, title_field: str) -> list[str]:
     """Each item's title as text, indexed by RecBole's internal item id (index 0 is padding)."""
     words = dataset.field2id_token[title_field]
-    titles = [" ".join(words[t] for t in row.tolist() if t != 0) for row in dataset.item_feat[title_field]]
+    column = dataset.item_feat[title_field]
+    if column.dim() == 1:  # a token column: each title is one token, its whole text
+        column = column.unsqueeze(1)
+    titles = [" ".join(words[t] for t in row.tolist() if t != 0) for row in column]
     missing = [dataset.id2token(dataset.iid_field, i) for i, title in enumerate(titles) if i and not title]
     if missing:
         raise LayerSelError(

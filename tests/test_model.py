@@ -15,6 +15,7 @@ from recbole_layersel.export import export_compact, load_compact
 from recbole_layersel.model import LayerSelLLM
 from recbole_layersel.quick_start import count_parameters
 from recbole_layersel.registry import LayerSelConfig
+from recbole_layersel.titles import item_titles
 from tests.conftest import write_atomic_dataset
 from tests.tiny_models import CONFIGS, DECODER, NUM_LAYERS, save_tiny_llm
 
@@ -141,6 +142,13 @@ def test_the_all_position_loss_is_the_mean_of_the_prefix_losses(build):
     prefix_loss = torch.nn.functional.cross_entropy(prefix_scores, prefixes["item_id"])
     assert len(windows) == len(prefixes["user_id"].unique()) < len(prefixes)
     assert torch.allclose(window_loss, prefix_loss, atol=1e-5)
+
+
+def test_popularity_counts_every_training_target_once(build):
+    model, (train, _, _) = build("llama", MAX_ITEM_LIST_LENGTH=3)  # 5 training targets a user: 2 windows
+    windows = windowed(train, train.config)._dataset
+    per_item = torch.bincount(train._dataset.inter_feat["item_id"], minlength=model.n_items).tolist()
+    assert LayerSelLLM(train.config, windows).item_counts == per_item  # the rows quick_start trains on
 
 
 def test_num_layers_all_keeps_every_layer_of_the_model(build):
@@ -380,6 +388,16 @@ def test_bad_settings_are_named(build, settings, message):
 def test_unsupported_architecture_lists_the_supported_ones(build):
     with pytest.raises(LayerSelError, match=r"model_type='mistral'.*supports llama, qwen2"):
         build("mistral", llm_config=MistralConfig(**DECODER))
+
+
+def test_a_title_in_a_token_column_is_its_whole_text(tmp_path, argv):
+    write_atomic_dataset(tmp_path / "data", "books", item_header="item_id:token\ttitle:token",
+                         item_row=lambda i: f"{i}\tThe Book {i}")
+    config = LayerSelConfig("LayerSelLLM", "books", config_dict={
+        "data_path": str(tmp_path / "data"), "load_col": ITEM_COLUMNS, "title_field": "title"})
+    dataset = data_preparation(config, create_dataset(config))[0]._dataset  # what the model is given
+    titles = item_titles(dataset, "title")
+    assert titles[0] == "" and titles[dataset.token2id("item_id", "7")] == "The Book 7"
 
 
 def test_items_without_titles_are_counted(tmp_path, argv):
