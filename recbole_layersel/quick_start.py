@@ -18,11 +18,13 @@ from recbole_layersel.distributed import is_main, launcher_settings
 from recbole_layersel.errors import LayerSelError
 from recbole_layersel.files import check_replaceable
 from recbole_layersel.protocol import convergence
-from recbole_layersel.registry import LayerSelConfig, get_trainer_class
+from recbole_layersel.registry import LayerSelConfig, get_trainer_class, read_header
+
+TITLE_TYPES = ("token_seq", "token")  # atomic-file types a title column may have (titles.item_titles)
 
 
 def check_dataset_files(data_path: str, dataset: str, title_field: str | None = None,
-                        separator: str = "\t") -> None:
+                        separator: str = "\t", encoding: str | None = None) -> None:
     """Fail with the fix when the atomic files are missing, or lack the title field a model needs."""
     folder = Path(data_path)
     inter_file = folder / f"{dataset}.inter"
@@ -40,12 +42,16 @@ def check_dataset_files(data_path: str, dataset: str, title_field: str | None = 
             f"dataset {dataset!r} has no item file {item_file}, but the model needs item titles "
             f"(title_field={title_field!r}). Provide {dataset}.item with a title column."
         )
-    with open(item_file, encoding="utf-8") as file:
-        fields = [column.split(":")[0] for column in file.readline().rstrip("\r\n").split(separator)]
-    if title_field not in fields:
+    columns = read_header(item_file, separator, encoding)
+    if title_field not in columns:
         raise LayerSelError(
             f"dataset {dataset!r}: title_field={title_field!r} is not a column of {item_file} "
-            f"(columns: {', '.join(fields)}). Set title_field to the column that holds item titles."
+            f"(columns: {', '.join(columns)}). Set title_field to the column that holds item titles."
+        )
+    if columns[title_field] not in TITLE_TYPES:
+        raise LayerSelError(
+            f"dataset {dataset!r}: title_field={title_field!r} is a {columns[title_field]} column of "
+            f"{item_file}; a title is text: a token_seq (words) or token (one string) column."
         )
 
 
@@ -65,8 +71,15 @@ def check_config(config) -> None:
         from recbole_layersel.export import META_NAME  # imports the LLM stack: only runs that export
 
         check_replaceable(Path(config["export_dir"]).resolve(), META_NAME)
-    title_field = config["title_field"] if getattr(config.model_class, "needs_titles", False) else None
-    check_dataset_files(config["data_path"], config["dataset"], title_field, config["field_separator"])
+    needs_titles = getattr(config.model_class, "needs_titles", False)
+    if needs_titles and config["title_field"] is None:
+        raise LayerSelError(
+            f"{config['model']} reads item titles, but title_field is not set. Set it to the item file's "
+            "title column, e.g. --title_field=title, and load that column (load_col)."
+        )
+    title_field = config["title_field"] if needs_titles else None
+    check_dataset_files(config["data_path"], config["dataset"], title_field, config["field_separator"],
+                        config["encoding"])
     if title_field is not None:
         item_columns = (config["load_col"] or {}).get("item", [])
         if title_field not in item_columns:

@@ -99,8 +99,21 @@ def get_trainer_class(config: Config) -> type:
 # Settings that no yaml defines: RecBole's launcher arguments and the run-level ones of this package.
 RUN_SETTINGS = {"model", "dataset", "config_files", "nproc", "ip", "port", "world_size", "offset",
                 "group_offset", "local_rank", "launcher", "resume_file", "export_dir"}
-# This package's dataset setting: a dataset's yaml defines it, or a file passed with --config_files.
-DATASET_SETTINGS = {"title_field"}
+# Dataset settings that no default defines: RecBole's file encoding, and this package's title column.
+DATASET_SETTINGS = {"encoding", "title_field"}
+
+
+def read_header(file: Path, separator: str, encoding: str | None = None) -> dict[str, str]:
+    """An atomic file's columns, name -> type (``user_id:token`` -> ``{'user_id': 'token'}``), read as
+    RecBole reads it (``field_separator``, ``encoding``)."""
+    with open(file, encoding=encoding or "utf-8") as handle:
+        header = handle.readline().rstrip("\r\n")
+    if header.startswith("\ufeff"):
+        raise LayerSelError(
+            f"{file} starts with a byte-order mark, which would become part of its first column's name. "
+            "Save it as UTF-8 without one, or set encoding: utf-8-sig."
+        )
+    return dict(column.partition(":")[::2] for column in header.split(separator))
 
 
 class LayerSelConfig(Config):
@@ -162,21 +175,25 @@ class LayerSelConfig(Config):
             return  # nothing to read; quick_start.check_dataset_files names the missing file
         inter_fields = {key: self._setting(key) for key in ("USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD")}
         self._check_fields(inter_file, inter_fields, dataset)
+        self._check_time_type(inter_file, inter_fields["TIME_FIELD"], dataset)
         derived = {"load_col": {"inter": list(inter_fields.values())}, **SEQUENTIAL_PROTOCOL}
         title_field = self._title_field(item_file, dataset, getattr(model_class, "needs_titles", False))
+        if item_file.is_file():  # every model drops the interactions whose item has no row there alike
+            derived["load_col"]["item"] = [self._setting("ITEM_ID_FIELD"), *[title_field] * bool(title_field)]
         if title_field is not None:
-            derived["load_col"]["item"] = [self._setting("ITEM_ID_FIELD"), title_field]
             derived["title_field"] = title_field
         self.internal_config_dict.update(derived)
         self._add_dataset_keys(["load_col", "title_field"])
+        protocol = {key: self._setting(key) for key in SEQUENTIAL_PROTOCOL}  # what applies, the user's first
         getLogger(__name__).warning(
             f"no {DATASET_CONFIGS_DIR / dataset}.yaml, so settings were derived from the headers in "
             f"{folder}: load_col={derived['load_col']}, title_field={title_field}, and the sequential "
-            f"protocol {SEQUENTIAL_PROTOCOL}. To change them, {self._yaml_advice(dataset)}."
+            f"protocol {protocol}. To change them, {self._yaml_advice(dataset)}."
         )
 
     def _title_field(self, item_file, dataset, needs_titles):
-        """The item file's title column: ``title_field`` if set, else its only ``token_seq`` column."""
+        """The item file's title column: ``title_field`` if set, else its column named ``title``, else its
+        only ``token_seq`` column; None when there is none and the model reads no titles."""
         if not item_file.is_file():
             if needs_titles:
                 raise LayerSelError(
@@ -188,16 +205,34 @@ class LayerSelConfig(Config):
         if title_field is None:
             columns = self._read_header(item_file)
             token_seqs = [name for name, kind in columns.items() if kind == "token_seq"]
-            if len(token_seqs) != 1:
+            if "title" in columns:
+                title_field = "title"
+            elif len(token_seqs) == 1:
+                title_field = token_seqs[0]
+            elif not needs_titles:
+                return None
+            else:
                 raise LayerSelError(
-                    f"which column of {item_file} holds the item titles? It has {len(token_seqs)} token_seq "
-                    f"columns (columns: {', '.join(f'{n}:{k}' for n, k in columns.items())}). Name it with "
+                    f"which column of {item_file} holds the item titles? It has no column named title and "
+                    f"{len(token_seqs)} token_seq columns (columns: "
+                    f"{', '.join(f'{n}:{k}' for n, k in columns.items())}). Name it with "
                     f"--title_field=COLUMN, or set load_col yourself: {self._yaml_advice(dataset)}."
                 )
-            title_field = token_seqs[0]
         item_fields = {"ITEM_ID_FIELD": self._setting("ITEM_ID_FIELD"), "title_field": title_field}
         self._check_fields(item_file, item_fields, dataset)
         return title_field
+
+    def _check_time_type(self, inter_file, time_field, dataset):
+        """RecBole orders a user's items by the time field's values; a token column's values are ids in
+        the order the file first shows them, not times."""
+        kind = self._read_header(inter_file)[time_field]
+        if kind != "float":
+            raise LayerSelError(
+                f"{inter_file}: TIME_FIELD {time_field!r} is a {kind} column, so RecBole would order each "
+                f"user's items by the order its values first appear in the file, not by time. Write it as "
+                f"{time_field}:float (e.g. Unix seconds), or name another column: "
+                f"{self._yaml_advice(dataset)}."
+            )
 
     def _check_fields(self, file, fields, dataset):
         """One error naming every field of ``fields`` (setting -> column name) that ``file`` lacks."""
@@ -212,10 +247,7 @@ class LayerSelConfig(Config):
             )
 
     def _read_header(self, file):
-        """An atomic file's columns, name -> type (``user_id:token`` -> ``{'user_id': 'token'}``)."""
-        with open(file, encoding="utf-8") as handle:
-            header = handle.readline().rstrip("\r\n")
-        return dict(column.partition(":")[::2] for column in header.split(self._setting("field_separator")))
+        return read_header(file, self._setting("field_separator"), self._setting("encoding"))
 
     @staticmethod
     def _yaml_advice(dataset):

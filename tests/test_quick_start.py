@@ -95,17 +95,27 @@ class TitledSASRec(SASRec):
 
 def test_dataset_without_title_field_fails_before_writing(tmp_path, argv, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_atomic_dataset(tmp_path / "data", "notitle", item_header="item_id:token\tprice:float",
-                         item_row=lambda i: f"{i}\t1.0")
+    write_atomic_dataset(tmp_path / "data", "notitle", item_header="item_id:token\tprice:float\tname:token",
+                         item_row=lambda i: f"{i}\t1.0\tthing {i}")
     monkeypatch.setattr(registry, "PLUGIN_MODELS", {"TitledSASRec": f"{__name__}:TitledSASRec"})
     settings = {"data_path": str(tmp_path / "data"), "title_field": "title", "loss_type": "CE",
                 "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}}
     with pytest.raises(LayerSelError, match=r"title_field='title' is not a column of .*notitle.item "
-                                            r"\(columns: item_id, price\)"):
+                                            r"\(columns: item_id, price, name\)"):
         run_recbole("TitledSASRec", "notitle", config_dict=settings)
-    settings["title_field"] = "price"
-    with pytest.raises(LayerSelError, match=r"title_field='price' is not loaded"):
+    settings["title_field"] = "name"
+    with pytest.raises(LayerSelError, match=r"title_field='name' is not loaded"):
         run_recbole("TitledSASRec", "notitle", config_dict=settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_model_that_reads_titles_without_a_title_field_fails_before_writing(tmp_path, argv, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_atomic_dataset(tmp_path / "data", "own")
+    settings = {"data_path": str(tmp_path / "data"),  # the user's own load_col: nothing derived
+                "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]}}
+    with pytest.raises(LayerSelError, match=r"LayerSelLLM reads item titles, but title_field is not set"):
+        run_recbole("LayerSelLLM", "own", config_dict=settings)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
@@ -144,6 +154,13 @@ def test_check_dataset_files_reads_the_header_with_the_field_separator(tmp_path)
     check_dataset_files(str(folder), "comma", title_field="title", separator=",")
     with pytest.raises(LayerSelError, match=r"title_field='title' is not a column"):
         check_dataset_files(str(folder), "comma", title_field="title")  # read with tabs: one column
+
+
+def test_check_dataset_files_refuses_a_title_field_that_is_not_text(tmp_path):
+    folder = write_atomic_dataset(tmp_path, "prices")
+    check_dataset_files(str(folder), "prices", title_field="title")
+    with pytest.raises(LayerSelError, match=r"title_field='price' is a float column .* a title is text"):
+        check_dataset_files(str(folder), "prices", title_field="price")
 
 
 def tiny_llm_run(tmp_path, **settings):

@@ -149,14 +149,53 @@ def test_dataset_without_yaml_or_timestamps_stops_with_the_yaml_to_write(tmp_pat
 
 
 def test_dataset_without_yaml_and_two_title_candidates_asks_which(tmp_path, argv):
-    write_atomic_dataset(tmp_path, "steam", item_header="item_id:token\ttitle:token_seq\ttags:token_seq",
+    write_atomic_dataset(tmp_path, "steam", item_header="item_id:token\tname:token_seq\ttags:token_seq",
                          item_row=lambda i: f"{i}\tItem {i}\tgame")
-    with pytest.raises(LayerSelError, match=r"which column of .*steam.item holds the item titles\? It has 2 "
-                                            r"token_seq columns .* --title_field=COLUMN") as error:
-        LayerSelConfig("SASRec", "steam", config_dict={"data_path": str(tmp_path)})
+    settings = {"data_path": str(tmp_path)}
+    with pytest.raises(LayerSelError, match=r"which column of .*steam.item holds the item titles\? It has no "
+                                            r"column named title and 2 token_seq columns .* "
+                                            r"--title_field=COLUMN") as error:
+        LayerSelConfig("LayerSelLLM", "steam", config_dict=settings)
     assert yaml_advice_in(str(error.value))
-    named = LayerSelConfig("SASRec", "steam", config_dict={"data_path": str(tmp_path), "title_field": "tags"})
+    named = LayerSelConfig("LayerSelLLM", "steam", config_dict={**settings, "title_field": "tags"})
     assert named["load_col"]["item"] == ["item_id", "tags"]
+    # A model that reads no titles loads the item ids alone: the same interactions as the others.
+    assert LayerSelConfig("SASRec", "steam", config_dict=settings)["load_col"]["item"] == ["item_id"]
+
+
+def test_a_column_named_title_is_the_title_whatever_else_the_item_file_has(tmp_path, argv):
+    # RecBole's own Amazon item files: categories:token_seq, title:token
+    write_atomic_dataset(tmp_path, "books", item_header="item_id:token\tcategories:token_seq\ttitle:token",
+                         item_row=lambda i: f"{i}\tBooks Fiction\tThe Book {i}")
+    config = LayerSelConfig("LayerSelLLM", "books", config_dict={"data_path": str(tmp_path)})
+    assert config["title_field"] == "title"
+    assert config["load_col"]["item"] == ["item_id", "title"]
+
+
+def test_a_time_field_that_is_not_a_number_is_refused(tmp_path, argv):
+    folder = write_atomic_dataset(tmp_path, "dates")
+    inter = folder / "dates.inter"
+    inter.write_text(inter.read_text().replace("timestamp:float", "timestamp:token"))
+    with pytest.raises(LayerSelError, match=r"dates.inter: TIME_FIELD 'timestamp' is a token column, so "
+                                            r"RecBole would order .* Write it as timestamp:float"):
+        LayerSelConfig("SASRec", "dates", config_dict={"data_path": str(tmp_path)})
+
+
+def test_a_byte_order_mark_is_named_and_utf_8_sig_reads_past_it(tmp_path, argv):
+    folder = write_atomic_dataset(tmp_path, "bom")
+    inter = folder / "bom.inter"
+    inter.write_text("\ufeff" + inter.read_text(), encoding="utf-8")
+    with pytest.raises(LayerSelError, match=r"bom.inter starts with a byte-order mark.* encoding: utf-8-sig"):
+        LayerSelConfig("SASRec", "bom", config_dict={"data_path": str(tmp_path)})
+    settings = {"data_path": str(tmp_path), "encoding": "utf-8-sig"}
+    config = LayerSelConfig("SASRec", "bom", config_dict=settings)
+    assert config["load_col"]["inter"] == ["user_id", "item_id", "timestamp"]
+
+
+def test_the_derived_settings_warning_gives_the_values_that_apply(tmp_path, argv, caplog):
+    write_atomic_dataset(tmp_path, "steam")
+    LayerSelConfig("SASRec", "steam", config_dict={"data_path": str(tmp_path), "epochs": 1})
+    assert "'epochs': 1" in caplog.text and "'epochs': 300" not in caplog.text
 
 
 def test_dataset_without_yaml_or_item_file_stops_only_a_model_that_needs_titles(tmp_path, argv):
