@@ -183,7 +183,7 @@ class LayerSelLLM(SequentialRecommender):
         # kept layers do, and the others are never materialised there.
         llm, tokenizer = load_llm(str(llm_path), dtype=DTYPES[config["llm_dtype"]],
                                   quantization=config["llm_quantization"], device=device)
-        self._check_backbone_fits(llm.config, config["llm_path"])
+        self._check_backbone_fits(llm.config, config["llm_path"], config["title_max_tokens"])
         self.config, self.cache_dir, self.llm_path = config, cache_dir, config["llm_path"]
         self.llm_fingerprint = llm_fingerprint(llm_path)
         self.item_tokens = dataset.field2id_token[self.ITEM_ID].tolist()  # internal id -> dataset item id
@@ -245,7 +245,7 @@ class LayerSelLLM(SequentialRecommender):
         return select_layers(num_source_layers, selected_layers=explicit, seed=config["seed"],
                              strategy=config["layer_strategy"], num_layers=config["num_layers"])
 
-    def _check_backbone_fits(self, llm_config, llm_path: str) -> None:
+    def _check_backbone_fits(self, llm_config, llm_path: str, title_max_tokens: int) -> None:
         if not is_causal(llm_config):
             raise LayerSelError(
                 f"llm_path={llm_path!r} is a bidirectional encoder ({llm_config.model_type}): the state at "
@@ -253,13 +253,14 @@ class LayerSelLLM(SequentialRecommender):
                 "Use a causal model (Llama, Qwen, Gemma, GPT-2)."
             )
         limit = position_limit(llm_config)
-        if limit is not None and self.max_seq_length > limit:
-            raise LayerSelError(
-                f"MAX_ITEM_LIST_LENGTH={self.max_seq_length}, but llm_path={llm_path!r} "
-                f"({llm_config.model_type}) has learned position embeddings for at most {limit} positions. "
-                f"Set MAX_ITEM_LIST_LENGTH to at most {limit}, or use a model with rotary positions "
-                "(Llama, Qwen, Gemma)."
-            )
+        lengths = {"MAX_ITEM_LIST_LENGTH": self.max_seq_length, "title_max_tokens": title_max_tokens}
+        for key, length in lengths.items():  # histories and titles both run through the layers
+            if limit is not None and length > limit:
+                raise LayerSelError(
+                    f"{key}={length}, but llm_path={llm_path!r} ({llm_config.model_type}) has learned "
+                    f"position embeddings for at most {limit} positions. Set {key} to at most {limit}, or "
+                    "use a model with rotary positions (Llama, Qwen, Gemma)."
+                )
 
     def _encode_titles(self, backbone: CompactBackbone, embed_tokens: nn.Embedding,
                        tokenizer) -> dict[str, torch.Tensor]:

@@ -125,9 +125,11 @@ def test_a_bidirectional_encoder_is_refused(build, mode):
         build("bert", train_mode=mode)
 
 
-def test_histories_longer_than_learned_positions_are_refused(build):
+def test_histories_and_titles_longer_than_learned_positions_are_refused(build):
     with pytest.raises(LayerSelError, match="MAX_ITEM_LIST_LENGTH=1000, but .*gpt2.* at most 64 positions"):
         build("gpt2", MAX_ITEM_LIST_LENGTH=1000)
+    with pytest.raises(LayerSelError, match="title_max_tokens=200, but .*gpt2.* at most 64 positions"):
+        build("gpt2", title_max_tokens=200)
 
 
 def test_the_all_position_loss_is_the_mean_of_the_prefix_losses(build):
