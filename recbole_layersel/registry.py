@@ -179,8 +179,9 @@ class LayerSelConfig(Config):
         derived = {"load_col": {"inter": list(inter_fields.values())}, **SEQUENTIAL_PROTOCOL}
         title_field = self._title_field(item_file, dataset, getattr(model_class, "needs_titles", False))
         if item_file.is_file():  # every model drops the interactions whose item has no row there alike
-            derived["load_col"]["item"] = [self._setting("ITEM_ID_FIELD"), *[title_field] * bool(title_field)]
+            derived["load_col"]["item"] = [self._setting("ITEM_ID_FIELD")]
         if title_field is not None:
+            derived["load_col"]["item"].append(title_field)
             derived["title_field"] = title_field
         self.internal_config_dict.update(derived)
         self._add_dataset_keys(["load_col", "title_field"])
