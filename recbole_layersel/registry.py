@@ -174,8 +174,8 @@ class LayerSelConfig(Config):
         if not inter_file.is_file():
             return  # nothing to read; quick_start.check_dataset_files names the missing file
         inter_fields = {key: self._setting(key) for key in ("USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD")}
-        self._check_fields(inter_file, inter_fields, dataset)
-        self._check_time_type(inter_file, inter_fields["TIME_FIELD"], dataset)
+        columns = self._check_fields(inter_file, inter_fields, dataset)
+        self._check_time_type(inter_file, inter_fields["TIME_FIELD"], columns, dataset)
         derived = {"load_col": {"inter": list(inter_fields.values())}, **SEQUENTIAL_PROTOCOL}
         title_field = self._title_field(item_file, dataset, getattr(model_class, "needs_titles", False))
         if item_file.is_file():  # every model drops the interactions whose item has no row there alike
@@ -223,10 +223,10 @@ class LayerSelConfig(Config):
         self._check_fields(item_file, item_fields, dataset)
         return title_field
 
-    def _check_time_type(self, inter_file, time_field, dataset):
+    def _check_time_type(self, inter_file, time_field, columns, dataset):
         """RecBole orders a user's items by the time field's values; a token column's values are ids in
         the order the file first shows them, not times."""
-        kind = self._read_header(inter_file)[time_field]
+        kind = columns[time_field]
         if kind != "float":
             raise LayerSelError(
                 f"{inter_file}: TIME_FIELD {time_field!r} is a {kind} column, so RecBole would order each "
@@ -236,7 +236,8 @@ class LayerSelConfig(Config):
             )
 
     def _check_fields(self, file, fields, dataset):
-        """One error naming every field of ``fields`` (setting -> column name) that ``file`` lacks."""
+        """One error naming every field of ``fields`` (setting -> column name) that ``file`` lacks; else
+        the file's columns (``_read_header``)."""
         columns = self._read_header(file)
         missing = [f"{key}={name!r}" for key, name in fields.items() if name not in columns]
         if missing:
@@ -246,6 +247,7 @@ class LayerSelConfig(Config):
                 "sequential protocol orders each user's items by time. Name your columns (USER_ID_FIELD, "
                 f"ITEM_ID_FIELD, TIME_FIELD, load_col): {self._yaml_advice(dataset)}."
             )
+        return columns
 
     def _read_header(self, file):
         return read_header(file, self._setting("field_separator"), self._setting("encoding"))
