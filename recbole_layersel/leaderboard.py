@@ -78,19 +78,22 @@ ENVIRONMENT_KEYS = frozenset({
     "local_rank", "single_spec", "state", "show_progress", "worker", "nproc", "world_size", "ip", "port",
     "offset", "resume_file"})
 _LLM_ENTRY = re.compile(r"LayerSelLLM-(?P<strategy>[a-z_]+)(?:-k(?P<k>[0-9]+))?(?P<int8>-int8)?"
-                        r"(?:@(?P<source>[\w.-]+))?")
+                        r"(?:-s(?P<stride>[0-9]+))?(?:@(?P<source>[\w.-]+))?")
+_ALLPOS_ENTRY = re.compile(r"SASRec-allpos-s(?P<stride>[0-9]+)")
 
 
 def entry_settings(name: str) -> tuple[str, dict, str | None]:
     """(model, settings, dataset whose selection the entry reuses or None) of an entry name."""
     if name in ENTRIES:
         return (*ENTRIES[name], None)
+    if match := _ALLPOS_ENTRY.fullmatch(name):
+        return "SASRecAllPositions", {"window_stride": int(match["stride"])}, None
     match = _LLM_ENTRY.fullmatch(name)
     if not match or match["strategy"] not in (*STRATEGIES, "first"):
         raise LayerSelError(
-            f"unknown entry {name!r}; use {', '.join(ENTRIES)} or LayerSelLLM-<strategy>[-k<k>][-int8]"
-            f"[@<dataset>] with a strategy among {', '.join((*STRATEGIES, 'first'))}, "
-            "e.g. LayerSelLLM-importance-k4."
+            f"unknown entry {name!r}; use {', '.join(ENTRIES)}, SASRec-allpos-s<stride> or "
+            f"LayerSelLLM-<strategy>[-k<k>][-int8][-s<stride>][@<dataset>] with a strategy among "
+            f"{', '.join((*STRATEGIES, 'first'))}, e.g. LayerSelLLM-importance-k4."
         )
     settings = {"layer_strategy": match["strategy"]}
     if match["k"]:
@@ -99,6 +102,8 @@ def entry_settings(name: str) -> tuple[str, dict, str | None]:
             settings["selection_patience"] = None
     if match["int8"]:
         settings["quantize"] = "int8"
+    if match["stride"]:
+        settings["window_stride"] = int(match["stride"])
     return "LayerSelLLM", settings, match["source"]
 
 

@@ -11,7 +11,7 @@ vectors. The layers kept are thus both the item encoder and the sequence backbon
 
 Training follows SASRec's paper: one causal pass per window of ``MAX_ITEM_LIST_LENGTH`` items, cross-entropy
 over all items at every position (``all_positions.py``), so every training target RecBole's prefix rows
-hold is trained on once an epoch.
+hold is trained on once an epoch (``window_stride`` makes windows overlap, each training its new targets).
 
 The backbone's inputs are fixed (title embeddings), so with ``train_mode: frozen`` its states are computed
 once per history and reused by every epoch: causal attention makes the state after t items the same
@@ -38,7 +38,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 from tqdm import tqdm
 
-from recbole_layersel.all_positions import all_position_loss, position_targets
+from recbole_layersel.all_positions import all_position_loss, position_targets, window_stride
 from recbole_layersel.backbone import CompactBackbone, is_causal, position_limit, seeded_backbone
 from recbole_layersel.compact import DTYPES, CompactRecommender, HeadConfig, add_lora
 from recbole_layersel.distributed import all_reduce_sum, broadcast_parameters, rank_and_world
@@ -172,6 +172,7 @@ class LayerSelLLM(SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         check_settings(config)
+        self.window_stride = window_stride(config)
         self.train_mode = config["train_mode"]
         self.quantize, self.quantized, self._warned_int8_export = config["quantize"], False, False
 
@@ -193,8 +194,9 @@ class LayerSelLLM(SequentialRecommender):
         # with no history; histories are filled by `before_training` from the loaders, so an export can
         # recommend for a dataset's user id.
         rows = dataset.inter_feat
-        targets, filled = position_targets(rows[self.ITEM_SEQ], rows[self.ITEM_SEQ_LEN], rows[self.ITEM_ID])
-        self.item_counts = torch.bincount(targets[filled], minlength=self.n_items).tolist()
+        targets, trained = position_targets(rows[self.ITEM_SEQ], rows[self.ITEM_SEQ_LEN], rows[self.ITEM_ID],
+                                            self.window_stride)
+        self.item_counts = torch.bincount(targets[trained], minlength=self.n_items).tolist()
         self.user_histories: dict[str, list[str]] = {}
         self.lora_settings = {"r": config["lora_r"], "alpha": config["lora_alpha"],
                               "dropout": config["lora_dropout"], "targets": config["lora_target_modules"]}
@@ -445,8 +447,9 @@ class LayerSelLLM(SequentialRecommender):
         """Cross-entropy over all items at every position of each window (``all_positions.py``)."""
         item_seq, item_seq_len, states = self.sequence_states(interaction)
         item_vectors = self.compact.item_vectors()
-        loss = all_position_loss(self.compact.sequence_output(item_seq, states, item_vectors), item_seq,
-                                 item_seq_len, interaction[self.POS_ITEM_ID], item_vectors)
+        output = self.compact.sequence_output(item_seq, states, item_vectors)
+        loss = all_position_loss(output, item_seq, item_seq_len, interaction[self.POS_ITEM_ID], item_vectors,
+                                 self.window_stride)
         if not torch.isfinite(loss):
             users = interaction[self.USER_ID][:10].tolist()
             raise LayerSelError(

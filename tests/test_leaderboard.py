@@ -87,6 +87,9 @@ def test_a_failing_entry_is_reported_as_failed(tiny, tmp_path):
      ("LayerSelLLM", {"layer_strategy": "importance", "quantize": "int8"}, None)),
     ("LayerSelLLM-importance@amazon-electronics",
      ("LayerSelLLM", {"layer_strategy": "importance"}, "amazon-electronics")),
+    ("LayerSelLLM-first-k2-s25", ("LayerSelLLM", {"layer_strategy": "first", "num_layers": 2,
+                                                  "window_stride": 25}, None)),
+    ("SASRec-allpos-s10", ("SASRecAllPositions", {"window_stride": 10}, None)),
 ])
 def test_entry_names_say_what_runs(name, expected):
     assert leaderboard.entry_settings(name) == expected
@@ -113,7 +116,7 @@ def test_bad_set_items_are_refused_before_anything_runs(item, message, tmp_path,
     assert "error: --set" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["LayerSelLLM-best", "GRU", "LayerSelLLM-importance-kx"])
+@pytest.mark.parametrize("name", ["LayerSelLLM-best", "GRU", "LayerSelLLM-importance-kx", "SASRec-allpos-s"])
 def test_unknown_entries_are_named_before_anything_runs(name, tmp_path, capsys):
     assert leaderboard.main(["--dataset", "tiny", "--entries", name, "--out", str(tmp_path)]) == 2
     assert f"unknown entry {name!r}" in capsys.readouterr().err and not any(tmp_path.iterdir())

@@ -132,8 +132,12 @@ def test_histories_and_titles_longer_than_learned_positions_are_refused(build):
         build("gpt2", title_max_tokens=200)
 
 
-def test_the_all_position_loss_is_the_mean_of_the_prefix_losses(build):
-    model, (train, _, _) = build("llama")  # every history fits one window of 50
+@pytest.mark.parametrize(("settings", "windows_are_rows"), [
+    ({}, False),  # every history fits one window of 50
+    ({"MAX_ITEM_LIST_LENGTH": 3, "window_stride": 1}, True),  # histories beyond 3: RecBole's rows
+])
+def test_the_all_position_loss_is_the_mean_of_the_prefix_losses(build, settings, windows_are_rows):
+    model, (train, _, _) = build("llama", **settings)
     read_the_states(model).before_training(train)
     model.eval()  # no dropout: one pass over a window equals a pass over each of its prefixes
     prefixes = train._dataset[torch.arange(len(train._dataset))]
@@ -142,12 +146,13 @@ def test_the_all_position_loss_is_the_mean_of_the_prefix_losses(build):
         window_loss = model.calculate_loss(windows[torch.arange(len(windows))])
         prefix_scores = model.full_sort_predict(prefixes)
     prefix_loss = torch.nn.functional.cross_entropy(prefix_scores, prefixes["item_id"])
-    assert len(windows) == len(prefixes["user_id"].unique()) < len(prefixes)
-    assert torch.allclose(window_loss, prefix_loss, atol=1e-5)
+    expected_windows = len(prefixes) if windows_are_rows else len(prefixes["user_id"].unique())
+    assert len(windows) == expected_windows and torch.allclose(window_loss, prefix_loss, atol=1e-5)
 
 
-def test_popularity_counts_every_training_target_once(build):
-    model, (train, _, _) = build("llama", MAX_ITEM_LIST_LENGTH=3)  # 5 training targets a user: 2 windows
+@pytest.mark.parametrize("stride", [None, 2])  # 5 training targets a user: 2 windows, or 3 that overlap
+def test_popularity_counts_every_training_target_once(build, stride):
+    model, (train, _, _) = build("llama", MAX_ITEM_LIST_LENGTH=3, window_stride=stride)
     windows = windowed(train, train.config)._dataset
     per_item = torch.bincount(train._dataset.inter_feat["item_id"], minlength=model.n_items).tolist()
     assert LayerSelLLM(train.config, windows).item_counts == per_item  # the rows quick_start trains on
