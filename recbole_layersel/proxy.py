@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recbole_layersel.all_positions import position_targets
 from recbole_layersel.backbone import seeded_backbone
 from recbole_layersel.compact import CompactRecommender, HeadConfig
 from recbole_layersel.samples import SequenceSample
@@ -142,12 +143,8 @@ def sample_loss(model: CompactRecommender, sample: SequenceSample, states: torch
     """Mean cross-entropy over all items at every position of ``sample``'s ``rows``, read by ``model``'s
     head from their backbone ``states`` (B, T, H). ``all_position_loss`` without its mean over the
     processes of a group: the proxy runs in one process."""
-    item_seq, lengths = sample.item_seq[rows], sample.lengths[rows]
-    # all_position_loss's targets: position t predicts item t + 1, the last position the row's target.
-    targets = torch.zeros_like(item_seq)
-    targets[:, :-1] = item_seq[:, 1:]
-    targets[torch.arange(len(rows), device=item_seq.device), lengths - 1] = sample.targets[rows]
-    filled = torch.arange(item_seq.shape[1], device=item_seq.device) < lengths.unsqueeze(1)
+    item_seq = sample.item_seq[rows]
+    targets, filled = position_targets(item_seq, sample.lengths[rows], sample.targets[rows])
     vectors = model.item_vectors()
     output = model.sequence_output(item_seq, states, vectors)
     return nn.functional.cross_entropy(output[filled] @ vectors.T, targets[filled])
