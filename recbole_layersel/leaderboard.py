@@ -3,12 +3,14 @@
     python -m recbole_layersel.leaderboard --dataset ml-100k --seeds 2020 2021 2022 \\
         --entries BPR SASRec LayerSelLLM-importance LayerSelLLM-random
 
-Entries: ``BPR``, ``SASRec`` (RecBole's own), ``LayerSelLLM-full`` (every layer, no distillation) and
-``LayerSelLLM-<strategy>[-k<k>][-int8][@<dataset>]``: the layer strategy (importance, random, uniform,
-last, block_influence, contiguous, magnitude, first), optionally k layers instead of the yaml's
+Entries: ``BPR``, ``SASRec`` (RecBole's own), ``SASRec-allpos[-s<stride>]`` (its paper's objective, with
+``window_stride``), ``LayerSelLLM-full`` (every layer, no distillation) and
+``LayerSelLLM-<strategy>[-k<k>][-int8][-s<stride>][@<dataset>]``: the layer strategy (importance, random,
+uniform, last, block_influence, contiguous, magnitude, first), optionally k layers instead of the yaml's
 ``num_layers`` (``importance-k<k>`` keeps exactly k: its search grows to k without the saturation stop,
 a point at k of the quality-vs-k frontier), optionally the compact backbone quantised to int8 (torch
-dynamic quantisation), and optionally the layers another dataset's hooks chose with the same seed
+dynamic quantisation), optionally training windows that end every ``stride`` targets
+(``window_stride``), and optionally the layers another dataset's hooks chose with the same seed
 (cross-domain selection; that dataset's selection is computed first with ``hooks_only`` if no finished
 run of it is there).
 
