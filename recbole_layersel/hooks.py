@@ -250,7 +250,7 @@ def _selection(llm, data: HookData, settings: HookSettings, importance: Importan
             importance.ranking, evaluate, target_k=sel.num_layers, candidates=sel.selection_candidates,
             beam_width=sel.selection_beam_width, patience=sel.selection_patience,
             min_gain=sel.selection_min_gain, max_evaluations=sel.selection_max_evaluations,
-            max_seconds=sel.selection_max_seconds)
+            max_seconds=sel.selection_max_seconds, on_beam=data.proxy.priors.retain)
         selection = {"strategy": "importance", **result.to_json()}
         cache.save_json("selection", key, selection)
         return selection

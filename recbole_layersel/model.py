@@ -81,6 +81,7 @@ NUMBER_SETTINGS = {
     "distill_lr": (lambda v: v > 0, "a number > 0, e.g. 0.001"),
     "distill_reg_lambda": (lambda v: v >= 0, "a number >= 0 (0: no pull towards the identity)"),
     "selection_min_gain": (lambda v: v >= 0, "a number >= 0 (0.01 = 1 %)"),
+    "selection_cache_gib": (lambda v: v >= 0, "a number of GiB >= 0, e.g. 8 (0: only the latest states)"),
     "head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
 }
@@ -341,7 +342,8 @@ class LayerSelLLM(SequentialRecommender):
         if sel.searches():
             title_settings = TitleSettings.from_config(self.config)
             priors = TitlePriors(llm, tokenizer, self.item_title_texts, title_settings,
-                                 batch_size=self.config["title_batch_size"])
+                                 batch_size=self.config["title_batch_size"],
+                                 cache_bytes=int(self.config["selection_cache_gib"] * 2**30))
             adapts = sel.selection_proxy == "adapted"
             data.proxy = ProxyData(
                 sample(train_data, sel.selection_train_users, imp.seed + 2, "selection_train_users") if adapts

@@ -35,7 +35,7 @@ class ProxyData:
     valid: SequenceSample  # the proxies score these
     title_inputs: torch.Tensor  # (n_items, H): each item's input to the backbone (row 0 padding)
     # layers -> every item's text prior (n_items, H) through them, bridges at their identity start
-    # (``titles.TitlePriors``)
+    # (``titles.TitlePriors``; its ``retain(sets)`` keeps the states the search's next candidates share)
     priors: Callable[[list[int]], torch.Tensor]
     head: HeadConfig
 

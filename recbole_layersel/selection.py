@@ -104,7 +104,8 @@ class GreedyResult:
 def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *, target_k: int,
                   candidates: int = 4, beam_width: int = 1, patience: int | None = 3, min_gain: float = 0.01,
                   max_evaluations: int | None = None, max_seconds: float | None = None,
-                  clock: Callable[[], float] = time.perf_counter) -> GreedyResult:
+                  clock: Callable[[], float] = time.perf_counter,
+                  on_beam: Callable[[list[list[int]]], None] | None = None) -> GreedyResult:
     """Grow a layer set one layer a step, keeping the layers that ``evaluate`` (higher is better) scores best.
 
     The search starts from no layer (scored too: what the first layer must beat). At each step every set
@@ -116,6 +117,7 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
     for their layers: the result is the best set from before them, and at least one layer (a budget stops
     the search only after its first step; no layer at all is the text-only model, ``num_layers: 0``).
     ``patience=None`` judges no step: the search grows to ``target_k`` (or its budget) and keeps every step.
+    ``on_beam`` is given each new beam's layer sets, the ones the next step extends.
     """
     if patience is not None and not (isinstance(patience, int) and patience >= 1):
         raise LayerSelError(
@@ -124,6 +126,7 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
     start, evaluations = clock(), 1
     beam = [Scored([], float(evaluate([])))]
     trajectory = [GreedyStep(list(beam), list(beam), None)]
+    on_beam = on_beam or (lambda sets: None)
     if target_k == 0:
         return GreedyResult([], "target", trajectory, evaluations)
     flat_run = 0
@@ -145,6 +148,7 @@ def greedy_select(ranking: list[int], evaluate: Callable[[list[int]], float], *,
                         key=lambda s: (-s.proxy, s.layers))
         evaluations += len(scored)
         previous, beam = beam[0].proxy, scored[:beam_width]
+        on_beam([kept.layers for kept in beam])
         gain = (beam[0].proxy - previous) / max(abs(previous), 1e-12)
         trajectory.append(GreedyStep(scored, list(beam), gain))
         flat_run = flat_run + 1 if patience is not None and gain < min_gain else 0

@@ -103,9 +103,9 @@ class TitlePriors:
     """``priors(layers) -> (n, H)``: ``encode_titles``'s prior of every title (on the CPU, row 0 zero)
     through a set of the source model's layers joined by identity bridges, the bridges' start: the layers
     run one after the other. So are the greedy search's candidate sets, and they share their lower layers:
-    the titles' states after each run of layers are kept (the least recently used dropped first beyond
-    ``cache_bytes``), and a set runs only the layers above its longest kept prefix. The titles are
-    tokenised on the first call."""
+    the titles' states after each run of layers are kept, and a set runs only the layers above its longest
+    kept prefix. Beyond ``cache_bytes`` the least recently used states are dropped, those after the
+    prefixes of the ``retain``ed sets last. The titles are tokenised on the first call."""
 
     def __init__(self, llm, tokenizer, titles: list[str], settings: TitleSettings, *, batch_size: int,
                  cache_bytes: int = 2**31):
@@ -116,6 +116,12 @@ class TitlePriors:
         self.settings, self.batch_size, self.cache_bytes = settings, batch_size, cache_bytes
         self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]] = []
         self.kept: OrderedDict[tuple[int, ...], list[torch.Tensor]] = OrderedDict()
+        self.retained: set[tuple[int, ...]] = set()
+
+    def retain(self, sets: list[list[int]]) -> None:
+        """Keep the states after every prefix of ``sets`` over any others: the greedy search's beam, which
+        every candidate of its next step extends (one layer added, below or above its layers)."""
+        self.retained = {tuple(sorted(layers)[:n]) for layers in sets for n in range(1, len(layers) + 1)}
 
     @torch.no_grad()
     def __call__(self, layers: list[int]) -> torch.Tensor:
@@ -151,7 +157,8 @@ class TitlePriors:
         self.kept[layers] = states
         while len(self.kept) > 1 and sum(hidden.nbytes for kept in self.kept.values()
                                          for hidden in kept) > self.cache_bytes:
-            self.kept.popitem(last=False)
+            others = [key for key in self.kept if key != layers]  # the latest states stay
+            del self.kept[next((key for key in others if key not in self.retained), others[0])]
 
 
 def _checked_pooling(settings: TitleSettings) -> str:

@@ -387,6 +387,7 @@ def test_only_the_kept_layers_reach_the_gpu(build, dtype):
     ({"head_heads": 3}, "embedding_size=8 is not a multiple of head_heads=3"),
     ({"head_dropout": 1.0}, r"head_dropout=1.0; use a probability in \[0, 1\)"),
     ({"learning_rate": "fast"}, r"learning_rate='fast'; use a number > 0"),
+    ({"selection_cache_gib": -1}, r"selection_cache_gib=-1; use a number of GiB >= 0"),
     ({"selected_layers": 3}, r"selected_layers=3; give a list, e.g. `selected_layers: \[0, 1, 7\]`"),
     ({"lora_target_modules": "q_proj"}, r"lora_target_modules='q_proj'; give a list"),
 ])

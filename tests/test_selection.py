@@ -97,6 +97,14 @@ def test_a_wider_beam_finds_a_pair_that_greedy_misses():
     assert greedy_select([0, 1, 2], proxy, target_k=2, candidates=3, beam_width=2).selected == [1, 2]
 
 
+def test_on_beam_is_told_every_beam_the_next_step_extends():
+    beams = []
+    result = greedy_select(RANKING, Proxy(VALUES), target_k=3, candidates=3, beam_width=2,
+                           on_beam=beams.append)
+    assert beams == [[kept.layers for kept in step.beam] for step in result.trajectory[1:]]
+    assert beams[0] == [[9], [2]]
+
+
 def test_greedy_stops_before_a_step_that_would_exceed_the_evaluation_budget():
     proxy = Proxy(VALUES)
     result = greedy_select(RANKING, proxy, target_k=8, candidates=3, max_evaluations=9)

@@ -124,3 +124,19 @@ def test_title_priors_run_only_the_layers_above_the_longest_kept_prefix(llm):
     priors.cache_bytes = 0  # only the latest set's states stay
     assert layers_run([0, 2, 3]) == [3] and list(priors.kept) == [(0, 2, 3)]
     assert layers_run([0, 2]) == [0, 2]
+
+
+def test_title_priors_drop_the_states_of_retained_sets_last(llm):
+    model, tokenizer = llm
+    priors = TitlePriors(model, tokenizer, TITLES, settings(), batch_size=2)
+    runs = []
+    run_layer = priors.full.run_layer
+    priors.full.run_layer = lambda index, *args: runs.append(index) or run_layer(index, *args)
+    priors([0, 2, 4])
+    priors.cache_bytes = 4 * sum(hidden.nbytes for hidden in priors.kept[(0,)])  # room for four sets' states
+    priors.retain([[0, 2, 4]])  # the beam: the next candidates extend it
+    priors([0, 1, 2, 4])  # by least recent use (0, 2) and (0, 2, 4) would go now
+    assert (0, 2) in priors.kept and (0, 2, 4) in priors.kept and (0, 1, 2) not in priors.kept
+    runs.clear()
+    priors([0, 2, 3, 4])
+    assert runs[::-(-len(TITLES) // 2)] == [3, 4]
