@@ -104,19 +104,24 @@ def test_title_priors_are_the_priors_of_the_layer_sets_at_their_identity_bridges
         torch.testing.assert_close(priors(layers), expected)
 
 
-def test_title_priors_run_only_the_layers_above_the_longest_kept_prefix(llm):
+def layer_counting_priors(llm):
+    """TitlePriors on ``llm`` and ``layers_run(layers)``: the layers a call runs, in order."""
     model, tokenizer = llm
     priors = TitlePriors(model, tokenizer, TITLES, settings(), batch_size=2)
     runs = []
     run_layer = priors.full.run_layer
     priors.full.run_layer = lambda index, *args: runs.append(index) or run_layer(index, *args)
-    batches = -(-len(TITLES) // 2)
 
     def layers_run(layers):
         runs.clear()
         priors(layers)
-        return runs[::batches]
+        return runs[::-(-len(TITLES) // 2)]  # each layer runs once per batch of titles
 
+    return priors, layers_run
+
+
+def test_title_priors_run_only_the_layers_above_the_longest_kept_prefix(llm):
+    priors, layers_run = layer_counting_priors(llm)
     assert layers_run([0, 1, 4]) == [0, 1, 4]
     assert layers_run([0, 1, 3]) == [3]
     assert layers_run([0, 2]) == [2]
@@ -127,16 +132,10 @@ def test_title_priors_run_only_the_layers_above_the_longest_kept_prefix(llm):
 
 
 def test_title_priors_drop_the_states_of_retained_sets_last(llm):
-    model, tokenizer = llm
-    priors = TitlePriors(model, tokenizer, TITLES, settings(), batch_size=2)
-    runs = []
-    run_layer = priors.full.run_layer
-    priors.full.run_layer = lambda index, *args: runs.append(index) or run_layer(index, *args)
+    priors, layers_run = layer_counting_priors(llm)
     priors([0, 2, 4])
     priors.cache_bytes = 4 * sum(hidden.nbytes for hidden in priors.kept[(0,)])  # room for four sets' states
     priors.retain([[0, 2, 4]])  # the beam: the next candidates extend it
     priors([0, 1, 2, 4])  # by least recent use (0, 2) and (0, 2, 4) would go now
     assert (0, 2) in priors.kept and (0, 2, 4) in priors.kept and (0, 1, 2) not in priors.kept
-    runs.clear()
-    priors([0, 2, 3, 4])
-    assert runs[::-(-len(TITLES) // 2)] == [3, 4]
+    assert layers_run([0, 2, 3, 4]) == [3, 4]
