@@ -10,7 +10,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 TABLES = ["results/ml-100k.md", "results/amazon-electronics.md", "results/bench/bench.md",
           "results/importance/ml-100k-importance.md",
           "results/budget-20ep/ml-100k.md", "results/budget-20ep-distilled/ml-100k.md",
-          "results/proxy/budget-20ep/ml-100k-seed2020.md"]
+          "results/proxy/budget-20ep/ml-100k-seed2020.md", "results/proxy/amazon-electronics-seed2020.md"]
 
 
 def markdown_tables(text: str) -> list[str]:
