@@ -2,18 +2,22 @@
 
 Pure torch (no RecBole): a user's history (item ids, right-padded, oldest first) becomes next-item scores.
 
-- **Items** are tied vectors ``e_j = ID embedding + W z_j``: a trainable collaborative part and the item's
+- **Items** are tied vectors ``e_j = ID embedding + c W z_j``: a trainable collaborative part and the item's
   text prior ``t_j``, the kept layers' pooled states over its title (``titles.py``, fixed), standardised
   over the items (``z_j``: LLM embeddings share a large common direction, which hides what tells titles
   apart). The sequence reads these vectors and scoring uses the same ones, as in SASRec.
 - **LLM states**: the compact backbone (k kept layers, ``backbone.py``) runs on the history's title input
   embeddings; its state ``s_t`` at position t reads items 0..t (causal).
 - **Sequence head**: SASRec's encoder (post-norm causal self-attention blocks) over
-  ``x_t = e_{i_t} + P LayerNorm(s_t) + position_t``; its output at position t is the user vector after
+  ``x_t = e_{i_t} + c P LayerNorm(s_t) + position_t``; its output at position t is the user vector after
   items 0..t. Scores are its dot products with every item vector.
 
 ``W`` and ``P`` start at zero and everything else as in SASRec, so an untrained model is an untrained
-SASRec: the text prior and the LLM states enter as far as training finds them useful.
+SASRec: the text prior and the LLM states enter as far as training finds them useful. ``c`` is
+``content_scale`` (1/H by default): Adam moves every weight about one learning rate a step,
+so a matrix reading H features moves its output about H times faster than an ID embedding moves, and
+unscaled the content paths outrun the IDs early and cost quality where the IDs carry the signal (muP's
+Adam rule for a matrix of fan-in H, a learning rate ∝ 1/H, applied as a multiplier).
 
 The backbone's inputs are fixed, so its states can be computed once per history and reused while the
 head trains (``LayerSelLLM``'s frozen mode); with LoRA on the kept layers they are recomputed per batch.
@@ -53,12 +57,16 @@ class HeadConfig:
     n_heads: int = 2
     inner_size: int = 256
     dropout: float = 0.5  # on inputs, attention probabilities and block outputs
+    content_scale: float = 1.0  # multiplier on the text-prior and LLM-state projections (1 = unscaled)
 
     @classmethod
-    def from_config(cls, config) -> "HeadConfig":
+    def from_config(cls, config, hidden_size: int) -> "HeadConfig":
+        """The yaml's head settings; ``content_scale: ~`` is 1 / ``hidden_size`` (the LLM's)."""
+        content_scale = config["content_scale"]
         return cls(embedding_size=config["embedding_size"], max_length=config["MAX_ITEM_LIST_LENGTH"],
                    n_layers=config["head_layers"], n_heads=config["head_heads"],
-                   inner_size=config["head_inner_size"], dropout=config["head_dropout"])
+                   inner_size=config["head_inner_size"], dropout=config["head_dropout"],
+                   content_scale=1 / hidden_size if content_scale is None else content_scale)
 
 
 def _normal_init(module: nn.Module) -> None:
@@ -115,7 +123,8 @@ class CompactRecommender(nn.Module):
     def item_vectors(self) -> torch.Tensor:
         """Every item's vector (n_items, embedding_size); row 0 is the padding item."""
         standardised = (self.title_prior - self.prior_mean) / self.prior_std
-        return self.item_id_embedding.weight + self.text_projection(standardised)
+        content = self.head_config.content_scale * self.text_projection(standardised)
+        return self.item_id_embedding.weight + content
 
     def sequence_output(self, item_seq: torch.Tensor, states: torch.Tensor,
                         item_vectors: torch.Tensor) -> torch.Tensor:
@@ -123,7 +132,8 @@ class CompactRecommender(nn.Module):
         LLM ``states`` and the ``item_vectors()`` (computed once per step by the caller, who also scores
         with them); a padded position reads only the positions before it, so the others are exact."""
         positions = torch.arange(item_seq.shape[1], device=item_seq.device)
-        inputs = item_vectors[item_seq] + self.state_projection(states.float())
+        state_inputs = self.head_config.content_scale * self.state_projection(states.float())
+        inputs = item_vectors[item_seq] + state_inputs
         inputs = self.input_dropout(self.input_norm(inputs + self.position_embedding(positions)))
         causal = nn.Transformer.generate_square_subsequent_mask(len(positions), device=item_seq.device)
         return self.encoder(inputs, mask=causal, is_causal=True)

@@ -108,6 +108,10 @@ def check_settings(config) -> None:
         value = config[setting]
         if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
             raise LayerSelError(f"{setting}={value!r}; use {wanted}.")
+    scale = config["content_scale"]
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0):
+        raise LayerSelError(f"content_scale={scale!r}; use a number > 0 (1: unscaled), or ~ for 1 / the "
+                            "LLM's hidden size.")
     if config["embedding_size"] % config["head_heads"]:
         raise LayerSelError(f"embedding_size={config['embedding_size']} is not a multiple of "
                             f"head_heads={config['head_heads']}; each attention head reads an equal share.")
@@ -227,7 +231,8 @@ class LayerSelLLM(SequentialRecommender):
             self._source_llm = ()
         del llm  # without hooks, the unselected layers, token embeddings and any head are freed here
         self.compact = CompactRecommender(backbone, encoded["inputs"], encoded["prior"],
-                                          HeadConfig.from_config(config)).to(config["device"])
+                                          HeadConfig.from_config(config, backbone.config.hidden_size)
+                                          ).to(config["device"])
         if not hooks_needed:
             self._prepare_backbone_for_training()
         self.state_batch_size = config["state_batch_size"]

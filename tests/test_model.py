@@ -332,6 +332,25 @@ def test_the_prior_is_the_kept_layers_encoding_of_the_titles(build):
     assert not torch.allclose(priors[0, 1], priors[0, 1, 2]) and not torch.allclose(priors[0, 1], priors[3,])
 
 
+@pytest.mark.parametrize("scale", [None, 0.25])
+def test_content_scale_multiplies_the_text_prior_and_state_paths(build, scale):
+    model, loaders = build("llama", selected_layers=[0, 2], content_scale=scale)
+    model.before_training(*loaders)
+    compact = read_the_states(model).compact.eval()
+    expected = 1 / compact.backbone.config.hidden_size if scale is None else scale
+    assert compact.head_config.content_scale == expected
+    interaction = first_eval_batch(loaders[2])
+    with torch.no_grad():
+        scaled = compact.full_sort_scores(interaction["item_id_list"], interaction["item_length"])
+        # the same model unscaled, with both projections' weights and biases multiplied instead
+        compact.head_config.content_scale = 1.0
+        for layer in (compact.text_projection, compact.state_projection[1]):
+            layer.weight.mul_(expected)
+            layer.bias.mul_(expected)
+        unscaled = compact.full_sort_scores(interaction["item_id_list"], interaction["item_length"])
+    assert torch.allclose(scaled, unscaled, atol=1e-5)
+
+
 def test_the_prior_follows_the_layers_the_hooks_choose(build):
     hooked, loaders = build("llama", layer_strategy="importance", num_layers=2, importance_sample_users=8,
                             importance_max_items=6, importance_warmup_steps=5, selection_train_users=8,
@@ -386,6 +405,7 @@ def test_only_the_kept_layers_reach_the_gpu(build, dtype):
     ({"distill_steps": -1}, "distill_steps=-1; use a whole number >= 0"),
     ({"head_heads": 3}, "embedding_size=8 is not a multiple of head_heads=3"),
     ({"head_dropout": 1.0}, r"head_dropout=1.0; use a probability in \[0, 1\)"),
+    ({"content_scale": 0}, r"content_scale=0; use a number > 0 \(1: unscaled\), or ~ for 1 / the LLM's"),
     ({"learning_rate": "fast"}, r"learning_rate='fast'; use a number > 0"),
     ({"selection_cache_gib": -1}, r"selection_cache_gib=-1; use a number of GiB >= 0"),
     ({"selected_layers": 3}, r"selected_layers=3; give a list, e.g. `selected_layers: \[0, 1, 7\]`"),
