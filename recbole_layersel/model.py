@@ -84,7 +84,10 @@ NUMBER_SETTINGS = {
     "selection_cache_gib": (lambda v: v >= 0, "a number of GiB >= 0, e.g. 8 (0: only the latest states)"),
     "head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "content_scale": (lambda v: v > 0, "a number > 0 (1: unscaled), or ~ for 1 / the LLM's hidden size"),
 }
+# Real-valued settings whose ~ means a default worked out later.
+OPTIONAL_NUMBER_SETTINGS = ("content_scale",)
 
 
 def _is_int(value) -> bool:
@@ -106,12 +109,10 @@ def check_settings(config) -> None:
             raise LayerSelError(f"{setting}={config[setting]!r}; use a whole number >= {least}.")
     for setting, (valid, wanted) in NUMBER_SETTINGS.items():
         value = config[setting]
+        if value is None and setting in OPTIONAL_NUMBER_SETTINGS:
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float) or not valid(value):
             raise LayerSelError(f"{setting}={value!r}; use {wanted}.")
-    scale = config["content_scale"]
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0):
-        raise LayerSelError(f"content_scale={scale!r}; use a number > 0 (1: unscaled), or ~ for 1 / the "
-                            "LLM's hidden size.")
     if config["embedding_size"] % config["head_heads"]:
         raise LayerSelError(f"embedding_size={config['embedding_size']} is not a multiple of "
                             f"head_heads={config['head_heads']}; each attention head reads an equal share.")
