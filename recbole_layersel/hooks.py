@@ -2,7 +2,8 @@
 
 ``LayerSelLLM.run_hooks`` calls ``run_pretraining_hooks`` with the source model, the settings and the
 tensors the stages read (``HookData``: samples of histories, the items' title embeddings, the head's
-shape); it gets back the compact backbone to train. The recommender itself is not touched.
+shape); it gets back the compact backbone to train and the stages' seconds. The recommender itself is not
+touched.
 
 1. **importance** (``importance.py``): a fresh recommendation head warms up on the full model's states
    of a seeded sample of training histories, so the loss whose Fisher information is measured is a
@@ -143,9 +144,9 @@ class HookData:
 
 
 def run_pretraining_hooks(llm, data: HookData, settings: HookSettings, cache: StageCache,
-                          out_dir: Path | None) -> CompactBackbone:
+                          out_dir: Path | None) -> tuple[CompactBackbone, dict[str, float]]:
     """Importance, selection and distillation on ``llm`` (the loaded source model); returns the compact
-    backbone to train."""
+    backbone to train and each stage's seconds (a stage read from the cache counts its reading)."""
     full = CompactBackbone(llm, list(range(llm.config.num_hidden_layers))).requires_grad_(False)
     world = rank_and_world()[1]
     if world > 1:
@@ -177,7 +178,7 @@ def run_pretraining_hooks(llm, data: HookData, settings: HookSettings, cache: St
     seconds["distillation"] = time.perf_counter() - started - seconds["importance"] - seconds["selection"]
     logger.info("Pre-training hooks took " + ", ".join(f"{stage} {s:.1f} s" for stage, s in seconds.items())
                 + " (stage cache hits included)")
-    return compact
+    return compact, seconds
 
 
 def _importance(full: CompactBackbone, data: HookData, settings: ImportanceSettings, cache: StageCache,

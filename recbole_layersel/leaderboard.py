@@ -146,9 +146,9 @@ def _run_one(model: str, dataset: str, config_dict: dict, queue) -> None:
         if config_dict.get("hooks_only"):
             record = {"status": "ok", **result}
         else:
-            keep = ("epochs_run", "best_epoch", "stopped_by", "valid_curve", "train_seconds", "test_seconds",
-                    "test_users", "inference_users_per_second", "parameters", "trainable_parameters",
-                    "selected_layers")
+            keep = ("epochs_run", "best_epoch", "stopped_by", "valid_curve", "train_seconds", "hook_seconds",
+                    "test_seconds", "test_users", "inference_users_per_second", "parameters",
+                    "trainable_parameters", "selected_layers")
             record = {"status": "ok", "test": dict(result["test_result"]),
                       "valid": dict(result["best_valid_result"]), **{k: result[k] for k in keep}}
     except Exception as error:  # reported in the table as a failed run, with its message

@@ -204,6 +204,7 @@ class LayerSelLLM(SequentialRecommender):
                                             self.window_stride)
         self.item_counts = torch.bincount(targets[trained], minlength=self.n_items).tolist()
         self.user_histories: dict[str, list[str]] = {}
+        self.hook_seconds: dict[str, float] = {}  # stage -> seconds, once the hooks have run (leaderboards)
         self.lora_settings = {"r": config["lora_r"], "alpha": config["lora_alpha"],
                               "dropout": config["lora_dropout"], "targets": config["lora_target_modules"]}
 
@@ -317,8 +318,9 @@ class LayerSelLLM(SequentialRecommender):
             llm, tokenizer = self._source_llm
             settings = HookSettings.from_config(self.config)
             data = self._hook_data(train_data, valid_data, settings, llm, tokenizer)
-            backbone = run_pretraining_hooks(llm, data, settings, StageCache(self.cache_dir),
-                                             artifacts_dir(self.config)).to(self.device)
+            cache, out_dir = StageCache(self.cache_dir), artifacts_dir(self.config)
+            backbone, self.hook_seconds = run_pretraining_hooks(llm, data, settings, cache, out_dir)
+            backbone = backbone.to(self.device)
             self.compact.backbone = backbone
             encoded = self._encode_titles(backbone, llm.get_input_embeddings(), tokenizer)
             self.compact.set_title_prior(encoded["prior"])

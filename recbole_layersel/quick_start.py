@@ -160,11 +160,12 @@ def run_recbole(model=None, dataset=None, config_file_list=None, config_dict=Non
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
-        # For leaderboards: how training ended, training time (fit, hooks excluded), test time (checkpoint
-        # reload included), users scored in the test, inference throughput, parameter counts and the
-        # layers kept.
+        # For leaderboards: how training ended, training time (fit, hooks excluded), the hooks' seconds per
+        # stage, test time (checkpoint reload included), users scored in the test, inference throughput,
+        # parameter counts and the layers kept.
         **convergence(trainer),
         "train_seconds": train_seconds,
+        "hook_seconds": getattr(model, "hook_seconds", None),
         "test_seconds": test_seconds,
         "test_users": len(test_data._dataset),
         "inference_users_per_second": users_per_second,

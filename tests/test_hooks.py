@@ -59,6 +59,7 @@ def test_hooks_select_distill_and_write_their_artifacts(hooked, spread_out, tmp_
     backbone = model.compact.backbone
     assert 1 <= len(backbone.layers) <= 3 and backbone.num_source_layers == 6
     assert not model._source_llm  # the full model is gone
+    assert min(model.hook_seconds[stage] for stage in ("importance", "selection", "distillation")) > 0
     run = tmp_path / "run"
     importance = json.loads((run / "importance.json").read_text())
     assert set(importance["raw"]) >= {"fisher", "attention_entropy", "block_influence", "effective_rank"}
@@ -135,6 +136,7 @@ def test_adjacent_layers_chosen_without_data_skip_the_hooks(hooked, tmp_path, mo
     monkeypatch.setattr(model_module, "run_pretraining_hooks", lambda *a, **k: pytest.fail("hooks ran"))
     model, _ = hooked(layer_strategy="last")  # distill_steps > 0, but no bridge to distil
     assert model.selected_layers == [3, 4, 5] and not (tmp_path / "run").exists()
+    assert model.hook_seconds == {}
 
 
 def test_explicit_layers_skip_importance_and_selection(hooked, monkeypatch):

@@ -200,6 +200,8 @@ def test_a_run_reports_its_layers_and_an_inference_throughput_that_runs_the_back
     result = tiny_llm_run(tmp_path, layer_strategy="uniform")
     assert result["selected_layers"] == [0, 2, 5] and result["inference_users_per_second"] > 0
     assert sum(calls) == result["test_users"]  # every test user's history went through the backbone
+    assert set(result["hook_seconds"]) == {"importance", "selection", "distillation"}
+    assert result["hook_seconds"]["distillation"] > 0  # the bridges of [0, 2, 5] were distilled
 
 
 def test_layersel_trains_on_one_window_per_user(tmp_path, argv, monkeypatch):
