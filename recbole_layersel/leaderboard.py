@@ -25,8 +25,9 @@ so a leaderboard stopped early still has a table that says how far it got.
 The table (``<out>/<dataset>.md`` and ``.csv``) gives, per entry, each metric's mean +- 95 % confidence
 half-width over seeds (Student's t), training time, inference throughput (users per second of
 ``full_sort_predict``, backbone included), parameter count, layers kept, and a paired t-test (paired by
-seed) of NDCG@10 against each reference entry that has results. ``<out>/<dataset>.png`` charts NDCG@10
-and throughput; with two or more ``LayerSelLLM-importance`` sizes, ``<out>/<dataset>-frontier.png``
+seed) of NDCG@10 against each reference entry that has results and, for an entry that keeps k layers
+(``-k<k>``), against ``LayerSelLLM-random-k<k>``. ``<out>/<dataset>.png`` charts NDCG@10 and throughput;
+with two or more ``LayerSelLLM-importance`` sizes, ``<out>/<dataset>-frontier.png``
 plots NDCG@10 against the layers kept, next to the speed-ups of ``--bench`` (a ``bench.json``).
 """
 
@@ -355,8 +356,19 @@ def summarise(records: list[dict], entries: list[str]) -> list[dict]:
         for reference in REFERENCES:
             if reference in ndcg and reference != name:
                 row[f"p_vs_{reference}"] = paired_p_value(ndcg[name], ndcg[reference])
+        if (random_k := random_of_same_k(name)) in ndcg:
+            row["p_vs_random_same_k"] = paired_p_value(ndcg[name], ndcg[random_k])
         table.append(row)
     return table
+
+
+def random_of_same_k(name: str) -> str | None:
+    """The random-layers entry a ``LayerSelLLM-<strategy>-k<k>`` entry's selection must beat: k random
+    layers trained with the same options (the ``LayerSelLLM-random`` reference keeps the yaml's k)."""
+    match = _LLM_ENTRY.fullmatch(name)
+    if not match or not match["k"] or match["strategy"] == "random" or match["source"]:
+        return None
+    return name.replace(f"LayerSelLLM-{match['strategy']}-", "LayerSelLLM-random-", 1)
 
 
 def _per_seed(values: list[str]) -> str:
@@ -391,9 +403,9 @@ def protocol(records: list[dict]) -> str:
 
 
 def to_markdown(table: list[dict], dataset: str, planned: int | None = None, evaluation: str = "") -> str:
-    references = [r for r in REFERENCES if any(f"p_vs_{r}" in row for row in table)]
+    references = [r for r in (*REFERENCES, "random_same_k") if any(f"p_vs_{r}" in row for row in table)]
     header = ["entry", "seeds", *METRICS, "epochs (best)", "train s", "users/s", "parameters", "layers",
-              *[f"p vs {r}" for r in references]]
+              *[f"p vs {r}".replace("random_same_k", "random, same k") for r in references]]
     finished = sum(row["seeds"] + row["failed"] for row in table)
     progress = f"{finished} of {planned} planned runs (entries x seeds) finished." if planned else ""
     protocol_line = f"Evaluation protocol of every row: {evaluation}." if evaluation else ""
@@ -419,7 +431,9 @@ def to_markdown(table: list[dict], dataset: str, planned: int | None = None, eva
               "its last part only. "
               "users/s: full_sort_predict on the first test users, from scratch (backbone included). "
               "parameters, layers (transformer layers kept): per seed where seeds differ. "
-              "p: paired t-test of NDCG@10 over shared seeds (– when fewer than 2 or identical)."]
+              "p: paired t-test of NDCG@10 over shared seeds (– when fewer than 2 or identical)"
+              + ("; random, same k: against LayerSelLLM-random-k<k> of the row's k."
+                 if "random_same_k" in references else ".")]
     return "\n".join(lines)
 
 
@@ -432,7 +446,7 @@ def to_csv(table: list[dict]) -> str:
     fields = ["entry", "seeds", "failed", "error"]
     fields += [f"{metric}_{part}" for metric in METRICS for part in ("mean", "ci95")]
     fields += ["epochs", "train_seconds", "resumed_seeds", "users_per_second", "parameters", "layers"]
-    fields += [f"p_vs_{r}" for r in REFERENCES]
+    fields += [f"p_vs_{r}" for r in (*REFERENCES, "random_same_k")]
     writer = csv.DictWriter(buffer, fields)
     writer.writeheader()
     for row in table:

@@ -402,3 +402,26 @@ def test_the_code_recorded_is_the_code_the_run_started_with(monkeypatch):
     monkeypatch.setattr(leaderboard, "exit_with_parent", lambda: None)
     leaderboard._run_one("Pop", "ml-100k", {"hooks_only": True}, queue=SimpleNamespace(put=records.append))
     assert edited and records[0]["code"]["recbole_layersel.files"] == "before"
+
+
+def test_an_entry_of_k_layers_is_tested_against_k_random_layers():
+    def record(entry, seed, ndcg):
+        return {"entry": entry, "seed": seed, "status": "ok", "train_seconds": 1.0,
+                "test": dict.fromkeys(leaderboard.METRICS, ndcg), "inference_users_per_second": 1.0,
+                "parameters": 1, "selected_layers": [0, 1], "epochs_run": 12, "best_epoch": 1,
+                "stopped_by": "early stopping", "config": {"eval_mask_history": True}}
+
+    importance, random_k4 = {1: 0.11, 2: 0.12, 3: 0.13}, {1: 0.062, 2: 0.074, 3: 0.086}
+    records = [*(record("LayerSelLLM-importance-k4", s, v) for s, v in importance.items()),
+               *(record("LayerSelLLM-random-k4", s, v) for s, v in random_k4.items()),
+               record("LayerSelLLM-first-k8", 1, 0.3), record("LayerSelLLM-random-k8", 1, 0.2)]
+    entries = ["LayerSelLLM-importance-k4", "LayerSelLLM-random-k4", "LayerSelLLM-first-k8",
+               "LayerSelLLM-random-k8"]
+    table = {row["entry"]: row for row in leaderboard.summarise(records, entries)}
+    assert table["LayerSelLLM-importance-k4"]["p_vs_random_same_k"] == pytest.approx(
+        leaderboard.paired_p_value(importance, random_k4))
+    assert "p_vs_random_same_k" in table["LayerSelLLM-first-k8"]  # one shared seed: shown as "–"
+    assert "p_vs_random_same_k" not in table["LayerSelLLM-random-k4"]
+    assert "| p vs random, same k |" in leaderboard.to_markdown(list(table.values()), "tiny")
+    assert leaderboard.random_of_same_k("LayerSelLLM-magnitude-k8-s10") == "LayerSelLLM-random-k8-s10"
+    assert leaderboard.random_of_same_k("LayerSelLLM-importance") is None
