@@ -483,7 +483,8 @@ _FRONTIER_ENTRY = re.compile(r"LayerSelLLM-(importance(-k[0-9]+)?|full|text)")
 
 def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, path: Path) -> bool:
     """NDCG@10 against layers kept for LayerSelLLM-importance[-k<k>], -text (k = 0) and -full, with the
-    benchmark's speed-ups on a second axis; False (nothing drawn) with fewer than two sizes."""
+    benchmark's scoring and training-step speed-ups on a second axis; False (nothing drawn) with fewer
+    than two sizes."""
     by_size: dict[int, list[float]] = {}
     for record in records:
         if record["status"] == "ok" and _FRONTIER_ENTRY.fullmatch(record["entry"]):
@@ -506,7 +507,10 @@ def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, p
     if bench:
         twin = axes.twinx()
         twin.plot([r["k"] for r in bench], [r["speedup"] for r in bench], marker="s", color="tab:red",
-                  label="measured speed-up vs all layers")
+                  label="measured scoring speed-up vs all layers")
+        if all("train_speedup" in r for r in bench):  # benches before the training-step timing lack it
+            twin.plot([r["k"] for r in bench], [r["train_speedup"] for r in bench], marker="^",
+                      color="tab:orange", label="measured training-step speed-up")
         twin.plot([r["k"] for r in bench], [r["ideal"] for r in bench], linestyle=":", color="tab:red",
                   label="ideal L/k")
         twin.set_ylabel("speed-up (bench.py)", color="tab:red")

@@ -142,7 +142,7 @@ def test_cross_domain_entries_reuse_the_source_selection_of_the_same_seed(tmp_pa
     assert [dataset for dataset, _ in calls] == ["source", "target", "target"]
 
 
-def test_charts_are_written_and_the_frontier_needs_two_sizes(tmp_path):
+def test_charts_are_written_and_the_frontier_needs_two_sizes(tmp_path, monkeypatch):
     def record(entry, seed, layers, ndcg):
         test = dict.fromkeys(leaderboard.METRICS, ndcg)
         return {"entry": entry, "seed": seed, "status": "ok", "test": test, "train_seconds": 1.0,
@@ -155,6 +155,15 @@ def test_charts_are_written_and_the_frontier_needs_two_sizes(tmp_path):
     records += [record("LayerSelLLM-full", s, [0, 1, 2, 3], 0.2) for s in (1, 2)]
     bench = [{"k": 2, "speedup": 1.9, "ideal": 2.0}, {"k": 4, "speedup": 1.0, "ideal": 1.0}]
     assert leaderboard.plot_frontier(records, "tiny", bench, tmp_path / "frontier.png")
+    figures = []
+    monkeypatch.setattr(leaderboard, "save_figure", lambda figure, path: figures.append(figure))
+    bench_with_training = [{**row, "train_speedup": row["speedup"] * 0.9} for row in bench]
+    for rows in (bench, bench_with_training):
+        leaderboard.plot_frontier(records, "tiny", rows, tmp_path / "frontier.png")
+    speedups = [[line.get_label() for line in figure.axes[1].get_lines()] for figure in figures]
+    assert "measured training-step speed-up" not in speedups[0]
+    assert "measured training-step speed-up" in speedups[1]
+    monkeypatch.undo()
     entries = ["LayerSelLLM-importance", "LayerSelLLM-full", "BPR"]
     markdown = leaderboard.write_tables(records, entries, "tiny", tmp_path, 6, bench)
     assert "4 of 6 planned runs (entries x seeds) finished." in markdown
