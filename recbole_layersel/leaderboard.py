@@ -59,6 +59,8 @@ METRICS = ("ndcg@5", "ndcg@10", "mrr@10", "precision@10", "recall@10", "hit@10")
 # Every row is tested against these when present: the SASRec a LayerSelLLM row must beat, the full model
 # (how much quality the compact one keeps) and random layers (what a selection must beat).
 REFERENCES = ("SASRec", "SASRec-allpos", "LayerSelLLM-full", "LayerSelLLM-random")
+# The p-value columns: row key suffix -> header label (the last one: k random layers of the row's own k).
+P_COLUMNS = {**{r: r for r in REFERENCES}, "random_same_k": "random, same k"}
 STRATEGIES = ("importance", "random", "uniform", "last", "block_influence", "contiguous", "magnitude")
 # The default entries, in table order. SASRec-allpos is RecBole's SASRec trained with its paper's
 # all-position objective (all_positions.py); LayerSelLLM-text keeps no LLM layer (title embeddings through
@@ -403,9 +405,9 @@ def protocol(records: list[dict]) -> str:
 
 
 def to_markdown(table: list[dict], dataset: str, planned: int | None = None, evaluation: str = "") -> str:
-    references = [r for r in (*REFERENCES, "random_same_k") if any(f"p_vs_{r}" in row for row in table)]
+    references = [r for r in P_COLUMNS if any(f"p_vs_{r}" in row for row in table)]
     header = ["entry", "seeds", *METRICS, "epochs (best)", "train s", "users/s", "parameters", "layers",
-              *[f"p vs {r}".replace("random_same_k", "random, same k") for r in references]]
+              *[f"p vs {P_COLUMNS[r]}" for r in references]]
     finished = sum(row["seeds"] + row["failed"] for row in table)
     progress = f"{finished} of {planned} planned runs (entries x seeds) finished." if planned else ""
     protocol_line = f"Evaluation protocol of every row: {evaluation}." if evaluation else ""
@@ -446,7 +448,7 @@ def to_csv(table: list[dict]) -> str:
     fields = ["entry", "seeds", "failed", "error"]
     fields += [f"{metric}_{part}" for metric in METRICS for part in ("mean", "ci95")]
     fields += ["epochs", "train_seconds", "resumed_seeds", "users_per_second", "parameters", "layers"]
-    fields += [f"p_vs_{r}" for r in (*REFERENCES, "random_same_k")]
+    fields += [f"p_vs_{r}" for r in P_COLUMNS]
     writer = csv.DictWriter(buffer, fields)
     writer.writeheader()
     for row in table:
