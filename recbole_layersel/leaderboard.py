@@ -495,7 +495,7 @@ def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, p
         return False
     sizes = sorted(by_size)
     summary = [mean_ci95(by_size[k]) for k in sizes]
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    figure = Figure(figsize=(7, 5.2), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.errorbar(sizes, [m for m, _ in summary], yerr=[h for _, h in summary], marker="o", capsize=3,
@@ -516,8 +516,9 @@ def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, p
         twin.plot([r["k"] for r in bench], [r["ideal"] for r in bench], linestyle=":", color="tab:red",
                   label="ideal L/k")
         twin.set_ylabel("speed-up (bench.py)", color="tab:red")
-        twin.legend(loc="center right", fontsize=8)
-    axes.legend(loc="upper center", fontsize=8)
+    # One legend below the axes: inside them it would hide whichever points lie under it.
+    handles = [handle for axis in figure.axes for handle in axis.get_legend_handles_labels()[0]]
+    figure.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
     axes.set_title(f"{dataset}: quality vs layers kept")
     save_figure(figure, path)
     return True
