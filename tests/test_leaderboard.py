@@ -166,7 +166,7 @@ def test_charts_are_written_and_the_frontier_needs_two_sizes(tmp_path, monkeypat
     # one legend for both axes, outside them, where it hides no point
     assert [len(figure.legends) for figure in figures] == [1, 1]
     assert not any(axes.get_legend() for figure in figures for axes in figure.axes)
-    assert [text.get_text() for text in figures[1].legends[0].get_texts()][0].startswith("NDCG@10")
+    assert figures[1].legends[0].get_texts()[0].get_text().startswith("NDCG@10")
     monkeypatch.undo()
     entries = ["LayerSelLLM-importance", "LayerSelLLM-full", "BPR"]
     markdown = leaderboard.write_tables(records, entries, "tiny", tmp_path, 6, bench)
