@@ -517,8 +517,7 @@ def plot_frontier(records: list[dict], dataset: str, bench: list[dict] | None, p
                   label="ideal L/k")
         twin.set_ylabel("speed-up (bench.py)", color="tab:red")
     # One legend below the axes: inside them it would hide whichever points lie under it.
-    handles = [handle for axis in figure.axes for handle in axis.get_legend_handles_labels()[0]]
-    figure.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
+    figure.legend(loc="outside lower center", ncols=2, fontsize=8)  # gathers both axes' labelled lines
     axes.set_title(f"{dataset}: quality vs layers kept")
     save_figure(figure, path)
     return True
