@@ -84,7 +84,8 @@ NUMBER_SETTINGS = {
     "selection_cache_gib": (lambda v: v >= 0, "a number of GiB >= 0, e.g. 8 (0: only the latest states)"),
     "head_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "content_scale": (lambda v: v > 0, "a number > 0 (1: unscaled), or ~ for 1 / sqrt(LLM hidden size)"),
+    "content_scale": (lambda v: v > 0,
+                      "a number > 0 (1: unscaled), or ~ for H^-1/4 (H: the LLM's hidden size)"),
 }
 # Real-valued settings whose ~ means a default worked out later.
 OPTIONAL_NUMBER_SETTINGS = ("content_scale",)

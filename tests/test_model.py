@@ -337,7 +337,7 @@ def test_content_scale_multiplies_the_text_prior_and_state_paths(build, scale):
     model, loaders = build("llama", selected_layers=[0, 2], content_scale=scale)
     model.before_training(*loaders)
     compact = read_the_states(model).compact.eval()
-    expected = compact.backbone.config.hidden_size ** -0.5 if scale is None else scale
+    expected = compact.backbone.config.hidden_size ** -0.25 if scale is None else scale
     assert compact.head_config.content_scale == expected
     interaction = first_eval_batch(loaders[2])
     with torch.no_grad():
@@ -405,7 +405,7 @@ def test_only_the_kept_layers_reach_the_gpu(build, dtype):
     ({"distill_steps": -1}, "distill_steps=-1; use a whole number >= 0"),
     ({"head_heads": 3}, "embedding_size=8 is not a multiple of head_heads=3"),
     ({"head_dropout": 1.0}, r"head_dropout=1.0; use a probability in \[0, 1\)"),
-    ({"content_scale": 0}, r"content_scale=0; use a number > 0 \(1: unscaled\), or ~ for 1 / sqrt\(LLM"),
+    ({"content_scale": 0}, r"content_scale=0; use a number > 0 \(1: unscaled\), or ~ for H\^-1/4"),
     ({"learning_rate": "fast"}, r"learning_rate='fast'; use a number > 0"),
     ({"selection_cache_gib": -1}, r"selection_cache_gib=-1; use a number of GiB >= 0"),
     ({"selected_layers": 3}, r"selected_layers=3; give a list, e.g. `selected_layers: \[0, 1, 7\]`"),
