@@ -24,6 +24,9 @@ is mangled or the whole file is rejected
 RecBole's DDP is CUDA-only: NCCL, ``cuda:rank``,    ``Config._init_device``,            ``LayerSelConfig``
 and ``DistributedDataParallel(device_ids=[rank])``  ``AbstractTrainer.__init__``        (registry.py),
 which torch refuses for a CPU module                                                    ``DDPMixin`` below
+RecBole's ``sine.py`` switches torch's autograd     importing any RecBole sequential    switched off below
+anomaly mode on for the whole process when          model (SASRec included) imports
+imported                                            it
 ==================================================  ==================================  =====================
 
 Pins rather than shims where a pin works: a pin runs RecBole's code as its authors tested it, while
@@ -53,6 +56,7 @@ from pathlib import Path
 import numpy
 import pandas
 import recbole.data.dataset.dataset
+import recbole.model.sequential_recommender  # noqa: F401 (imports sine.py: see below)
 import scipy
 import torch
 from recbole.trainer import Trainer
@@ -64,6 +68,12 @@ from recbole_layersel.files import replaced_on_success, sha256_file
 from recbole_layersel.protocol import HistoryMaskMixin, ResumeMixin
 
 logger = logging.getLogger(__name__)
+
+# RecBole's sine.py calls torch.autograd.set_detect_anomaly(True) at import, and its model package imports it
+# with every sequential model. Anomaly mode, a debugging aid, then records a stack trace for every autograd op
+# of every model in the process and checks every backward for NaNs: the importance pass's head warm-up ran
+# about 5 times slower. It changes no result. sine.py is imported above, so this comes after it.
+torch.autograd.set_detect_anomaly(False)
 
 # name -> (installed version, first major.minor RecBole 1.2.1 breaks on)
 PINS = {"numpy": (numpy.__version__, "2"), "pandas": (pandas.__version__, "3"),
