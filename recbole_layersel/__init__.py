@@ -1,7 +1,6 @@
 """recbole_layersel: a RecBole plugin that turns a pretrained LLM into a fast sequential recommender
 by keeping only its most important transformer layers."""
 
-from recbole_layersel import compat  # noqa: F401 (its shims hold for every use of the package)
 from recbole_layersel.errors import LayerSelError
 
 __version__ = "0.1.0"

@@ -20,6 +20,8 @@ import torch
 from recbole.model.sequential_recommender.sasrec import SASRec
 from torch import nn
 
+# compat switches off the autograd anomaly mode that importing RecBole's sequential models switches on.
+from recbole_layersel import compat  # noqa: F401
 from recbole_layersel.distributed import mean_under_ddp
 from recbole_layersel.errors import LayerSelError
 

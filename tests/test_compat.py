@@ -217,9 +217,9 @@ def test_atomic_files_verbatim_gives_recbole_its_pandas_back_after_a_failed_load
     assert recbole.data.dataset.dataset.pd is pandas
 
 
-def test_importing_the_package_leaves_autograd_anomaly_mode_off():
+def test_the_training_modules_leave_autograd_anomaly_mode_off():
     # A fresh interpreter: RecBole's sine.py switches the mode on at import, wherever it is first imported.
-    code = ("import recbole_layersel, torch; import recbole.model.sequential_recommender.sine; "
-            "from recbole_layersel.all_positions import all_position_loss; print(torch.is_anomaly_enabled())")
+    code = ("import torch, recbole.model.sequential_recommender.sine, recbole_layersel.model, "
+            "recbole_layersel.bench; print(torch.is_anomaly_enabled())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False"
