@@ -72,3 +72,43 @@ def test_the_proxies_are_built_as_the_search_builds_them(tmp_path, argv):
     assert built["adapted"].bridges == {"mlp_bridges": False, "bridge_rank": 4}  # the config's, as the search
     assert len(built["adapted"].train.users) == HOOKS_SMALL["selection_train_users"]
     assert 0 <= built["content"]([0, 5]) <= 1 and 0 <= built["adapted"]([0, 5]) <= 1
+
+
+def write_report(out, seed, scores: dict[tuple[int, ...], float]):
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"layers": list(layers), "content": {"score": score, "seconds": 0.1}}
+            for layers, score in scores.items()]
+    report = {"dataset": "tiny", "seed": seed, "split": "valid", "rows": rows, "spearman": {"content": 0.0}}
+    (out / f"tiny-seed{seed}.json").write_text(json.dumps(report))
+
+
+def test_agreement_compares_training_with_itself_and_the_proxy_with_its_mean(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "proxy"
+    trained = {1: {(0, 1): 0.3, (4, 5): 0.2, (): 0.1}, 2: {(0, 1): 0.1, (4, 5): 0.5, (): 0.2}}
+    for seed, sets in trained.items():
+        for n, (layers, ndcg) in enumerate(sets.items()):
+            write_run(runs, f"LayerSelLLM-set{n}", seed, list(layers), ndcg, valid=ndcg)
+    write_run(runs, "LayerSelLLM-random", 1, [2, 3], 0.9, valid=0.9)  # only seed 1 trained it: left out
+    for seed in trained:  # trained on both seeds after the reports were written: left out
+        write_run(runs, "LayerSelLLM-later", seed, [1, 2], 0.4, valid=0.4)
+    write_report(out, 1, {(0, 1): 3.0, (4, 5): 2.0, (): 1.0, (2, 3): 0.0})
+    write_report(out, 2, {(0, 1): 1.0, (4, 5): 3.0, (): 2.0})
+    report = proxy_check.agreement(runs, out, "tiny", [1, 2])
+    assert report["layers"] == [[0, 1], [4, 5], []]
+    assert report["mean"] == pytest.approx([0.2, 0.35, 0.15])
+    assert report["seed_vs_seed"] == {"1-2": pytest.approx(-0.5)}
+    assert report["proxy_vs_own_seed"]["content"] == {1: pytest.approx(1.0), 2: pytest.approx(1.0)}
+    assert report["proxy_vs_mean"]["content"] == {1: pytest.approx(0.5), 2: pytest.approx(0.5)}
+    table = proxy_check.agreement_markdown(report)
+    assert "| [4, 5] | 0.2000 | 0.5000 | 0.3500 | 2.0000 | 3.0000 |" in table
+    assert "seed against seed: 1-2 -0.50 (mean -0.50)." in table
+    assert "against the mean over seeds: 1 0.50, 2 0.50; against its own seed's: 1 1.00, 2 1.00." in table
+
+
+def test_agreement_needs_every_seed_s_report(tmp_path):
+    for seed in (1, 2):
+        for n, layers in enumerate(([0], [1], [])):
+            write_run(tmp_path / "runs", f"LayerSelLLM-set{n}", seed, layers, 0.1 * n, valid=0.1 * n)
+    write_report(tmp_path / "proxy", 1, {(0,): 1.0, (1,): 2.0, (): 3.0})
+    with pytest.raises(LayerSelError, match=r"seed2.json does not exist; write it first with .* --seed 2"):
+        proxy_check.agreement(tmp_path / "runs", tmp_path / "proxy", "tiny", [1, 2])
