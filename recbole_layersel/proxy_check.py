@@ -82,7 +82,7 @@ def check(dataset: str, seed: int, runs: Path, names: tuple[str, ...] = PROXIES)
             start = time.perf_counter()
             row[name] = {"score": built[name](row["layers"]), "seconds": time.perf_counter() - start}
     ndcg = [row["ndcg@10"] for row in rows]
-    rho = {name: float(spearmanr([row[name]["score"] for row in rows], ndcg)[0]) for name in names}
+    rho = {name: _rho([row[name]["score"] for row in rows], ndcg) for name in names}
     return {"dataset": dataset, "seed": seed, "split": split, "rows": rows, "spearman": rho}
 
 
@@ -90,7 +90,12 @@ def agreement(runs: Path, out: Path, dataset: str, seeds: list[int]) -> dict:
     """Over the layer sets every seed of ``seeds`` trained and scored (``<out>/<dataset>-seed<S>.json``):
     each pair of seeds' rank correlation of NDCG@10, and each proxy's (its scores on seed S) with the mean
     NDCG@10 over the seeds and with seed S's own."""
-    trained = {seed: finished_runs(runs, dataset, seed)[1] for seed in seeds}
+    splits, trained = zip(*(finished_runs(runs, dataset, seed) for seed in seeds), strict=True)
+    if len(set(splits)) > 1:
+        raise LayerSelError(
+            f"the runs of seeds {seeds} give NDCG@10 on {splits} (a run without a validation score makes its "
+            "seed fall back to test); rerun those runs so that every seed compares the same split.")
+    trained = dict(zip(seeds, trained, strict=True))
     reports = {seed: _report(out, dataset, seed) for seed in seeds}
     scored = {seed: {tuple(row["layers"]): row for row in reports[seed]["rows"]} for seed in seeds}
     common = [layers for layers in trained[seeds[0]]
@@ -107,7 +112,7 @@ def agreement(runs: Path, out: Path, dataset: str, seeds: list[int]) -> dict:
     scores = {name: {seed: [scored[seed][layers][name]["score"] for layers in common] for seed in seeds}
               for name in names}
     return {
-        "dataset": dataset, "seeds": seeds, "split": reports[seeds[0]]["split"],
+        "dataset": dataset, "seeds": seeds, "split": splits[0],
         "layers": [list(layers) for layers in common], "ndcg@10": ndcg, "mean": mean, "proxies": scores,
         "seed_vs_seed": {f"{a}-{b}": _rho(ndcg[a], ndcg[b]) for a, b in itertools.combinations(seeds, 2)},
         "proxy_vs_mean": {name: {seed: _rho(scores[name][seed], mean) for seed in seeds} for name in names},
@@ -178,16 +183,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.agreement:
         report = agreement(args.runs, args.out, args.dataset, args.agreement)
-        stem = args.out / f"{args.dataset}-agreement"
-        write_atomic(stem.with_suffix(".json"), json.dumps(report, indent=1))
-        write_atomic(stem.with_suffix(".md"), agreement_markdown(report))
-        print(agreement_markdown(report))
-        return
-    report = check(args.dataset, args.seed, args.runs, tuple(args.proxies))
-    stem = args.out / f"{args.dataset}-seed{args.seed}"
+        _write(args.out / f"{args.dataset}-agreement", report, agreement_markdown(report))
+    else:
+        report = check(args.dataset, args.seed, args.runs, tuple(args.proxies))
+        _write(args.out / f"{args.dataset}-seed{args.seed}", report, markdown(report))
+
+
+def _write(stem: Path, report: dict, table: str) -> None:
     write_atomic(stem.with_suffix(".json"), json.dumps(report, indent=1))
-    write_atomic(stem.with_suffix(".md"), markdown(report))
-    print(markdown(report))
+    write_atomic(stem.with_suffix(".md"), table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,12 @@ def test_agreement_needs_every_seed_s_report(tmp_path):
     write_report(tmp_path / "proxy", 1, {(0,): 1.0, (1,): 2.0, (): 3.0})
     with pytest.raises(LayerSelError, match=r"seed2.json does not exist; write it first with .* --seed 2"):
         proxy_check.agreement(tmp_path / "runs", tmp_path / "proxy", "tiny", [1, 2])
+
+
+def test_agreement_compares_one_split_on_every_seed(tmp_path):
+    for seed in (1, 2):
+        for n, layers in enumerate(([0], [1], [])):
+            valid = None if (seed, n) == (2, 0) else 0.1 * n  # one run of seed 2 has no validation score
+            write_run(tmp_path / "runs", f"LayerSelLLM-set{n}", seed, layers, 0.1 * n, valid=valid)
+    with pytest.raises(LayerSelError, match=r"give NDCG@10 on \('valid', 'test'\)"):
+        proxy_check.agreement(tmp_path / "runs", tmp_path / "proxy", "tiny", [1, 2])
