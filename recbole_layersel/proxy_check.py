@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=Path, default=Path("results/runs"))
     parser.add_argument("--out", type=Path, default=Path("results/proxy"))
     parser.add_argument("--proxies", nargs="+", choices=PROXIES, default=list(PROXIES),
-                        help="the proxies to score (the adapted one costs 10-15 times the content one)")
+                        help="the proxies to score (the adapted one costs 10 to over 100 times as much)")
     parser.add_argument("--agreement", nargs="+", type=int, metavar="SEED",
                         help="score nothing: compare the reports of these seeds in --out (see above)")
     args = parser.parse_args(argv)

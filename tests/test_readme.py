@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 TABLES = ["results/ml-100k.md", "results/amazon-electronics.md", "results/bench/bench.md",
           "results/importance/ml-100k-importance.md", "results/selection-paced/ml-100k.md",
-          "results/selection-quarter/ml-100k.md",
+          "results/selection-quarter/ml-100k.md", "results/selection-fisher/ml-100k.md",
           "results/budget-20ep/ml-100k.md", "results/budget-20ep-distilled/ml-100k.md",
           "results/proxy/budget-20ep/ml-100k-seed2020.md", "results/proxy/amazon-electronics-seed2020.md"]
 
